@@ -1,0 +1,100 @@
+"""Registry of analyses run by `analyze.py` over a training run's checkpoints.
+
+An analysis is ``fn(ctx, *, key) -> dict[str, np.ndarray]``: it reads a `Context`
+(the run's model, data and one checkpoint's parameters, plus this analysis's own
+settings) and returns arrays that the runner writes to
+``<workdir>/analysis/<name>/step_<N>.npz``. Its optional ``plot_fn(artifact_dir,
+steps) -> list[str]`` reads those npz files (never recomputes) and writes PNGs
+into the same directory. Keys come from `sme.rng.analysis_key(seed, name, step)`.
+
+Analyses register themselves with `register`; modules are imported by
+`load_all()` so that importing `sme` stays free of side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import numpy as np
+
+from sme.data import Dataset
+from sme.models import Model
+
+# Modules (under sme.analyses) that define analyses; imported lazily by load_all().
+ANALYSIS_MODULES = ("curvature", "noise", "landscape", "weak_error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an analysis sees: one run, one checkpoint, one replica.
+
+    Attributes:
+      model: the run's model (same spec as in training).
+      dataset: the run's dataset (same source, subset and split).
+      loss: per-example loss name ('mse' or 'cross_entropy').
+      mask_mode: 'shared' or 'per_sample', as trained.
+      lr: the run's learning rate eps (SME time t = N * eps).
+      params: parameters of ONE replica at this checkpoint.
+      step: the checkpoint's training step N.
+      seed: the run's seed.
+      replica: which replica of the run `params` belongs to.
+      settings: this analysis's settings (a plain dict from the analysis config).
+      run_config: the run's full config as a plain dict (read-only, for the record).
+    """
+
+    model: Model
+    dataset: Dataset
+    loss: str
+    mask_mode: str
+    lr: float
+    params: Any
+    step: int
+    seed: int
+    replica: int
+    settings: dict
+    run_config: dict
+
+
+AnalysisFn = Callable[..., dict]
+PlotFn = Callable[[str, list], list]
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    name: str
+    fn: AnalysisFn
+    plot_fn: PlotFn | None
+    doc: str
+
+
+REGISTRY: dict[str, Analysis] = {}
+
+
+def register(name: str, *, plot_fn: PlotFn | None = None):
+    """Decorator: ``@register("hessian", plot_fn=plot_hessian)`` on ``fn(ctx, *, key)``."""
+
+    def decorate(fn):
+        if name in REGISTRY:
+            raise ValueError(f"analysis {name!r} registered twice")
+        REGISTRY[name] = Analysis(name, fn, plot_fn, (fn.__doc__ or "").strip())
+        return fn
+
+    return decorate
+
+
+def load_all() -> dict[str, Analysis]:
+    """Import every analysis module (each registers itself) and return the registry."""
+    for module in ANALYSIS_MODULES:
+        try:
+            importlib.import_module(f"sme.analyses.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"sme.analyses.{module}":
+                raise
+    return REGISTRY
+
+
+def as_numpy(result: dict) -> dict[str, np.ndarray]:
+    """Convert an analysis result to NumPy arrays (strings become 0-d unicode arrays)."""
+    return {k: np.asarray(v) for k, v in result.items()}

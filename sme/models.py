@@ -1,0 +1,254 @@
+"""Pure-function models whose dropout masks are arguments.
+
+Every model is a `Model`: ``init(key) -> params`` and ``apply(params, x, masks)``
+for ONE example ``x`` (a flat vector; CNNs reshape it). Batches, replicas and
+mask ensembles are all made by `jax.vmap` at the call site. ``masks`` is a tuple
+with one array per dropout site (see `sme.dropout`), already scaled by 1/p.
+
+Models:
+
+* ``mlp``: x -> [dense -> act -> (dropout)] * L -> dense, with dropout sites
+  chosen per hidden layer. The papers' two-layer theory net
+  f(x) = sum_k a_k eta_k sigma(w_k . x) (arXiv 2305.15850 §3) is ``two_layer``:
+  an mlp with one hidden layer, dropout on it, and optional biases.
+* ``cnn``: [conv3x3 -> act -> maxpool2 -> (dropout)] * C -> flatten ->
+  [dense -> act -> (dropout)] * L -> dense.
+
+For the closed-form modified loss (arXiv 2207.05952 Lemma 1) a model also
+exposes ``penultimate(params, x, masks)``, the last hidden activation h(x)
+before the final dropout site, and ``readout(params)``, the last layer's weight
+W^[L] of shape (h_dim, out_dim), so that f = (eta * h) @ W^[L] + b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sme.dropout import Site
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "linear": lambda z: z,
+}
+# He gain for layers followed by a rectifier, 1 otherwise (LeCun) and for the
+# linear readout: keeps the forward variance O(1).
+_GAINS = {"relu": 2.0, "gelu": 2.0, "softplus": 2.0}
+
+MODEL_NAMES = ("mlp", "two_layer", "cnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec:
+    """A fully connected net. ``dropout_layers`` indexes hidden layers (None: all)."""
+
+    in_dim: int
+    hidden: tuple[int, ...]
+    out_dim: int
+    activation: str = "relu"
+    use_bias: bool = True
+    output_bias: bool = True
+    keep_prob: float = 1.0
+    dropout_layers: tuple[int, ...] | None = None
+    init_scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNSpec:
+    """A small CNN on (height, width, channels) inputs passed flat.
+
+    Dropout sites are numbered: conv blocks first (after pooling), then dense
+    hidden layers; ``dropout_layers`` selects among them (None: all).
+    """
+
+    input_shape: tuple[int, int, int]
+    channels: tuple[int, ...]
+    hidden: tuple[int, ...]
+    out_dim: int
+    activation: str = "relu"
+    keep_prob: float = 1.0
+    dropout_layers: tuple[int, ...] | None = None
+    init_scale: float = 1.0
+
+
+class Model(NamedTuple):
+    spec: Any
+    sites: tuple[Site, ...]
+    init: Callable[..., Any]  # init(key, dtype=float32) -> params
+    apply: Callable[..., jax.Array]  # apply(params, x, masks) -> (out_dim,)
+    penultimate: Callable[..., jax.Array]  # penultimate(params, x, masks) -> (h_dim,)
+    readout: Callable[[Any], jax.Array]  # readout(params) -> (h_dim, out_dim)
+
+    @property
+    def out_dim(self) -> int:
+        return self.spec.out_dim
+
+    @property
+    def only_last_layer_dropout(self) -> bool:
+        """True when the final site (input of the readout) is the only droppable one."""
+        droppable = [i for i, s in enumerate(self.sites) if s.droppable]
+        return droppable == [len(self.sites) - 1]
+
+
+def _dense_init(key, fan_in, fan_out, *, gain, scale, bias, dtype):
+    std = scale * math.sqrt(gain / fan_in)
+    layer = {"w": std * jax.random.normal(key, (fan_in, fan_out), dtype)}
+    if bias:
+        layer["b"] = jnp.zeros((fan_out,), dtype)
+    return layer
+
+
+def _dense(layer, h):
+    out = h @ layer["w"]
+    return out + layer["b"] if "b" in layer else out
+
+
+def _selected(index: int, selection) -> bool:
+    return selection is None or index in selection
+
+
+def _check_selection(selection, num_sites: int, what: str):
+    if selection is None:
+        return
+    bad = [i for i in selection if not 0 <= i < num_sites]
+    if bad:
+        raise ValueError(f"dropout_layers {tuple(selection)}: {bad} out of range for {num_sites} {what}")
+
+
+def make_mlp(spec: MLPSpec) -> Model:
+    if spec.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {spec.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    _check_selection(spec.dropout_layers, len(spec.hidden), "hidden layers")
+    act = ACTIVATIONS[spec.activation]
+    gain = _GAINS.get(spec.activation, 1.0)
+    sites = tuple(
+        Site(f"hidden_{i}", (width,), spec.keep_prob if _selected(i, spec.dropout_layers) else 1.0)
+        for i, width in enumerate(spec.hidden)
+    )
+    dims = (spec.in_dim, *spec.hidden)
+
+    def init(key, dtype=jnp.float32):
+        keys = jax.random.split(key, len(spec.hidden) + 1)
+        hidden = [
+            _dense_init(keys[i], dims[i], dims[i + 1], gain=gain,
+                        scale=spec.init_scale, bias=spec.use_bias, dtype=dtype)
+            for i in range(len(spec.hidden))
+        ]
+        out = _dense_init(keys[-1], dims[-1], spec.out_dim, gain=1.0, scale=spec.init_scale,
+                          bias=spec.output_bias, dtype=dtype)
+        return {"hidden": hidden, "out": out}
+
+    def penultimate(params, x, masks):
+        h = x
+        last = len(spec.hidden) - 1
+        for i, layer in enumerate(params["hidden"]):
+            h = act(_dense(layer, h))
+            if i < last:
+                h = h * masks[i]
+        return h
+
+    def apply(params, x, masks):
+        return _dense(params["out"], penultimate(params, x, masks) * masks[-1])
+
+    return Model(spec, sites, init, apply, penultimate, lambda params: params["out"]["w"])
+
+
+def _maxpool2(h):
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (2, 2, 1), (2, 2, 1), "VALID")
+
+
+def make_cnn(spec: CNNSpec) -> Model:
+    if spec.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {spec.activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    height, width, chans = spec.input_shape
+    shapes = []
+    for c in spec.channels:
+        height, width = height // 2, width // 2
+        if height < 1 or width < 1:
+            raise ValueError(f"cnn: input {spec.input_shape} too small for {len(spec.channels)} pooling blocks")
+        shapes.append((height, width, c))
+    flat_dim = height * width * (spec.channels[-1] if spec.channels else chans)
+    num_sites = len(spec.channels) + len(spec.hidden)
+    _check_selection(spec.dropout_layers, num_sites, "conv blocks + hidden layers")
+    if not spec.hidden:
+        raise ValueError("cnn: needs at least one dense hidden layer (the readout input)")
+    act = ACTIVATIONS[spec.activation]
+    gain = _GAINS.get(spec.activation, 1.0)
+    site_shapes = [*shapes, *((w,) for w in spec.hidden)]
+    sites = tuple(
+        Site(f"site_{i}", shape, spec.keep_prob if _selected(i, spec.dropout_layers) else 1.0)
+        for i, shape in enumerate(site_shapes)
+    )
+    dims = (flat_dim, *spec.hidden)
+
+    def init(key, dtype=jnp.float32):
+        keys = jax.random.split(key, num_sites + 1)
+        convs, c_in = [], chans
+        for i, c in enumerate(spec.channels):
+            fan_in = 9 * c_in
+            std = spec.init_scale * math.sqrt(gain / fan_in)
+            convs.append({"w": std * jax.random.normal(keys[i], (3, 3, c_in, c), dtype),
+                          "b": jnp.zeros((c,), dtype)})
+            c_in = c
+        dense = [
+            _dense_init(keys[len(spec.channels) + i], dims[i], dims[i + 1], gain=gain,
+                        scale=spec.init_scale, bias=True, dtype=dtype)
+            for i in range(len(spec.hidden))
+        ]
+        out = _dense_init(keys[-1], dims[-1], spec.out_dim, gain=1.0, scale=spec.init_scale,
+                          bias=True, dtype=dtype)
+        return {"conv": convs, "hidden": dense, "out": out}
+
+    def penultimate(params, x, masks):
+        h = x.reshape(spec.input_shape)
+        for i, layer in enumerate(params["conv"]):
+            h = jax.lax.conv_general_dilated(
+                h[None], layer["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+            h = _maxpool2(act(h + layer["b"])) * masks[i]
+        h = h.reshape(-1)
+        offset, last = len(spec.channels), len(spec.hidden) - 1
+        for i, layer in enumerate(params["hidden"]):
+            h = act(_dense(layer, h))
+            if i < last:
+                h = h * masks[offset + i]
+        return h
+
+    def apply(params, x, masks):
+        return _dense(params["out"], penultimate(params, x, masks) * masks[-1])
+
+    return Model(spec, sites, init, apply, penultimate, lambda params: params["out"]["w"])
+
+
+def make_model(name: str, **kwargs) -> Model:
+    """Build a model by name: ``mlp``, ``two_layer`` (an mlp with one hidden layer) or ``cnn``."""
+    if name == "mlp":
+        return make_mlp(MLPSpec(**kwargs))
+    if name == "two_layer":
+        hidden = kwargs.pop("hidden")
+        if len(hidden) != 1:
+            raise ValueError(f"two_layer: hidden must have exactly one width, got {hidden}")
+        kwargs.setdefault("activation", "tanh")
+        kwargs.setdefault("use_bias", False)
+        kwargs.setdefault("output_bias", False)
+        return make_mlp(MLPSpec(hidden=tuple(hidden), **kwargs))
+    if name == "cnn":
+        return make_cnn(CNNSpec(**kwargs))
+    raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+
+
+def batch_apply(model: Model, params, x, masks, *, mode: str) -> jax.Array:
+    """Outputs for a batch x of shape (n, ...): masks shared (one set) or per_sample (leading n)."""
+    mask_axis = 0 if mode == "per_sample" else None
+    return jax.vmap(model.apply, in_axes=(None, 0, mask_axis))(params, x, masks)
+
+
+def num_params(params) -> int:
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
