@@ -93,9 +93,9 @@ class Model(NamedTuple):
 
     @property
     def only_last_layer_dropout(self) -> bool:
-        """True when the final site (input of the readout) is the only droppable one."""
+        """True when no site but the final one (the readout's input) is droppable."""
         droppable = [i for i, s in enumerate(self.sites) if s.droppable]
-        return droppable == [len(self.sites) - 1]
+        return droppable in ([], [len(self.sites) - 1])
 
 
 def _dense_init(key, fan_in, fan_out, *, gain, scale, bias, dtype):
@@ -159,6 +159,36 @@ def make_mlp(spec: MLPSpec) -> Model:
         return _dense(params["out"], penultimate(params, x, masks) * masks[-1])
 
     return Model(spec, sites, init, apply, penultimate, lambda params: params["out"]["w"])
+
+
+def mlp_forward_with_taps(spec: MLPSpec, params, x, masks, taps):
+    """The MLP forward pass with `taps` added to every dense layer's pre-activation.
+
+    Equal to ``make_mlp(spec).apply(params, x, masks)`` when the taps are zero;
+    differentiating the loss with respect to zero taps gives each layer's
+    backpropagated error delta = dl/dz, and a dense layer's weight gradient is
+    the outer product ``inputs[l] (x) delta[l]`` (per-sample Gram matrices in
+    `sme.grads.per_sample_gram` use this).
+
+    Args:
+      spec: the MLP's spec.
+      params: its parameters.
+      x: one example, shape (in_dim,).
+      masks: one example's masks (one array per site).
+      taps: one array per dense layer (hidden layers, then the readout), shaped
+        like that layer's output: ``(*spec.hidden, spec.out_dim)``.
+
+    Returns:
+      ``(out, inputs)``: the output (out_dim,) and a tuple with each dense
+      layer's input (after its dropout mask), shapes ``(in_dim, *spec.hidden)``.
+    """
+    act = ACTIVATIONS[spec.activation]
+    h, inputs = x, []
+    for i, layer in enumerate(params["hidden"]):
+        inputs.append(h)
+        h = act(_dense(layer, h) + taps[i]) * masks[i]
+    inputs.append(h)
+    return _dense(params["out"], h) + taps[-1], tuple(inputs)
 
 
 def _maxpool2(h):

@@ -42,6 +42,7 @@ class Context:
       replica: which replica of the run `params` belongs to.
       settings: this analysis's settings (a plain dict from the analysis config).
       run_config: the run's full config as a plain dict (read-only, for the record).
+      workdir: the run's directory (for analyses that read other run artifacts).
     """
 
     model: Model
@@ -55,6 +56,7 @@ class Context:
     replica: int
     settings: dict
     run_config: dict
+    workdir: str = ""
 
 
 AnalysisFn = Callable[..., dict]

@@ -1,0 +1,75 @@
+"""Run analyses over the checkpoints of one or several training runs.
+
+    python analyze.py --workdir=runs/default --analyses=hessian,covariance
+    python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.k=20
+    python analyze.py --list
+
+Each run's own config.json fixes the model and data; only analysis settings come
+from here (--set NAME.FIELD=VALUE, over the run's config.analysis block).
+Artifacts: <workdir>/analysis/<name>/step_<N>.npz, PNG figures beside them, and
+<workdir>/analysis/summary.json.
+"""
+
+import ast
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated).")
+_ANALYSES = flags.DEFINE_list("analyses", ["hessian"], "Analyses to run (comma-separated).")
+_STEPS = flags.DEFINE_string("steps", "all", "Checkpoint steps: all | last | comma-separated steps.")
+_REPLICA = flags.DEFINE_integer("replica", 0, "Which replica of a multi-replica run to analyse.")
+_SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (Python literal).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk.")
+_LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
+
+
+def parse_settings(items):
+    settings = {}
+    for item in items:
+        name_field, sep, value = item.partition("=")
+        name, dot, field = name_field.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {item!r}: expected NAME.FIELD=VALUE")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a bare word is a string
+        settings.setdefault(name, {})[field] = value
+    return settings
+
+
+def main(argv):
+    del argv
+    from sme.analyses import load_all
+    from sme.analyses.runner import AnalysisError, Request, analyse_run, load_run
+
+    if _LIST.value:
+        for name, analysis in sorted(load_all().items()):
+            print(f"{name}: {analysis.doc.splitlines()[0] if analysis.doc else ''}")
+        return
+    if not _WORKDIR.value:
+        sys.exit("error: --workdir is required")
+    try:
+        overrides = parse_settings(_SET.value)
+        for workdir in _WORKDIR.value:
+            cfg, _, _ = load_run(workdir)
+            if cfg.train.dtype == "float64":
+                import jax
+
+                jax.config.update("jax_enable_x64", True)
+            settings = {name: {**(cfg.analysis[name].to_dict() if name in cfg.analysis else {}), **overrides.get(name, {})}
+                        for name in _ANALYSES.value}
+            request = Request(tuple(_ANALYSES.value), _STEPS.value, _REPLICA.value, settings, _OVERWRITE.value)
+            summary = analyse_run(workdir, request)
+            print(f"{workdir}: wrote {workdir}/analysis ({', '.join(_ANALYSES.value)})")
+            for failure in summary.get("failures", []):
+                print(f"  failed: {failure}", file=sys.stderr)
+            if summary.get("failures"):
+                sys.exit(1)
+    except (AnalysisError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,83 @@
+"""Every config field of `sme`, with its default, units and allowed range.
+
+Experiment configs import this and override a few fields. Run:
+
+    python train.py --config=configs/base.py --workdir=runs/base
+
+Fields (validated at start-up by `sme.config.validate`, before anything is written):
+
+seed                int >= 0. Root of every key stream (sme.rng).
+data.name           digits | mnist | fashion_mnist | npz | relu_1d | tanh_1d | teacher.
+data.path           directory of IDX files (mnist, fashion_mnist) or an .npz file (npz).
+data.num_train      keep the first n training examples; 0 = all.
+data.num_test       keep the first n test examples; 0 = all.
+data.seed           seed of synthetic data (relu_1d, tanh_1d, teacher).
+data.num_points     synthetic training points (>= 1).
+data.num_test_points synthetic test points (>= 1).
+data.input_dim      teacher input dimension (>= 1).
+data.teacher_width  teacher hidden width (>= 1).
+data.noise_std      synthetic label noise std (>= 0).
+model.name          mlp | two_layer | cnn.
+model.hidden        hidden widths, tuple of ints >= 1 (two_layer: exactly one).
+model.activation    relu | tanh | gelu | sigmoid | softplus | linear.
+model.use_bias      hidden-layer biases.
+model.output_bias   readout bias.
+model.keep_prob     the papers' p, in (0, 1]; 1 = no dropout. Never a drop rate.
+model.dropout_layers which sites get dropout: "all", "last", "none" or indices "0,2".
+model.init_scale    multiplies the He/LeCun init std (> 0).
+model.channels      cnn conv channels per block (each conv3x3 -> act -> maxpool2 -> dropout).
+model.input_shape   cnn input (height, width, channels); must multiply to the data's in_dim.
+loss                mse (½||f - y||², one-hot targets for classes) | cross_entropy.
+objective           r_s | dropout | l1 | l2 | l3 | l4 | l1_r2 (see sme/losses.py).
+mask_mode           per_sample (nn.Dropout) | shared (one mask per batch, the papers' formulas).
+optim.name          sgd | momentum | adam.
+optim.lr            learning rate eps > 0 (SME time t = N eps).
+optim.momentum      momentum in [0, 1) (momentum only).
+optim.b1, optim.b2  Adam betas in [0, 1).
+optim.schedule      constant | cosine | warmup_cosine | step.
+optim.warmup_steps  linear warm-up steps (warmup_cosine), >= 0.
+optim.decay_factor  step schedule: lr multiplied by this at each boundary, in (0, 1].
+optim.decay_every   step schedule: boundary every this many steps (>= 1).
+optim.weight_decay  decoupled L2 weight decay >= 0.
+train.num_steps     optimisation steps N (>= 1).
+train.batch_size    minibatch size; 0 = full batch (dropout GD). Must be <= num_train.
+train.num_replicas  R seeds trained at once by vmap (>= 1), sharded over devices if several.
+train.share_init    all replicas start from replica 0's initial parameters (for SME comparisons).
+train.eval_every    steps between metric lines in metrics.jsonl (>= 1).
+train.checkpoint_steps  steps kept for analysis: "log:K" (K log-spaced), "linear:K", "0,100,1000"
+                    or "" (none). The final step is always kept.
+train.checkpoint_every  steps between rolling "latest" checkpoints for resuming (>= 1).
+train.log_every_secs    seconds between progress lines (> 0).
+train.dtype         float32 | float64.
+analysis.*          per-analysis settings used by analyze.py (see each analysis' docstring).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    c.data = ConfigDict(dict(
+        name="digits", path="", num_train=0, num_test=0, seed=0, num_points=32,
+        num_test_points=256, input_dim=4, teacher_width=4, noise_std=0.0))
+
+    c.model = ConfigDict(dict(
+        name="mlp", hidden=(128, 128), activation="relu", use_bias=True, output_bias=True,
+        keep_prob=0.8, dropout_layers="all", init_scale=1.0, channels=(16,), input_shape=(8, 8, 1)))
+
+    c.loss = "cross_entropy"
+    c.objective = "dropout"
+    c.mask_mode = "per_sample"
+
+    c.optim = ConfigDict(dict(
+        name="sgd", lr=0.1, momentum=0.9, b1=0.9, b2=0.999, schedule="constant",
+        warmup_steps=0, decay_factor=0.5, decay_every=1000, weight_decay=0.0))
+
+    c.train = ConfigDict(dict(
+        num_steps=3000, batch_size=64, num_replicas=1, share_init=False, eval_every=250,
+        checkpoint_steps="log:8", checkpoint_every=1000, log_every_secs=5.0, dtype="float32"))
+
+    c.analysis = ConfigDict()
+    return c

@@ -1,0 +1,234 @@
+"""The config edge: validate a ConfigDict and turn it into typed library objects.
+
+Library functions never see a ConfigDict. This module is the only place that
+reads one: `validate` checks every field against the allowed range before
+anything is computed or written, and `build` returns the typed objects
+(dataset, model, optimizer, schedule of checkpoint steps) a run needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import optax
+
+from sme import data as data_lib
+from sme import losses, models
+from sme.dropout import MASK_MODES
+
+
+class ConfigError(ValueError):
+    """A config field is missing, unknown or out of range."""
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
+DTYPES = ("float32", "float64")
+# Blocks whose sub-fields are free-form (read by the code that owns them).
+OPEN_BLOCKS = ("analysis",)
+
+
+def _fail(field: str, value: Any, allowed: str):
+    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str):
+    if not cond:
+        _fail(field, value, allowed)
+
+
+def _flatten(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items") and name not in OPEN_BLOCKS:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_fields(cfg, reference) -> None:
+    """Every field of `cfg` must exist in `reference` (the base config): catches typos."""
+    known, given = _flatten(reference), _flatten(cfg)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {['config.' + u for u in unknown]}; see configs/base.py")
+    missing = sorted(set(known) - set(given))
+    if missing:
+        raise ConfigError(f"config is missing field(s) {['config.' + m for m in missing]}; derive it from configs/base.py")
+
+
+def parse_dropout_layers(spec: str, num_sites: int):
+    """'all' -> None, 'last' -> (num_sites-1,), 'none' -> (), '0,2' -> (0, 2)."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return None
+    if spec == "last":
+        return (num_sites - 1,)
+    if spec in ("none", ""):
+        return ()
+    try:
+        indices = tuple(int(s) for s in spec.split(","))
+    except ValueError:
+        _fail("model.dropout_layers", spec, "use 'all', 'last', 'none' or comma-separated indices like '0,2'")
+    for i in indices:
+        _check(0 <= i < num_sites, "model.dropout_layers", spec, f"indices must be in [0, {num_sites - 1}]")
+    return indices
+
+
+def parse_checkpoint_steps(spec: str, num_steps: int) -> list[int]:
+    """'log:K' | 'linear:K' | '0,100,1000' | '' -> sorted unique steps in [0, num_steps], final included."""
+    spec = str(spec).strip()
+    steps: set[int] = {num_steps}
+    try:
+        if spec.startswith(("log:", "linear:")):
+            kind, count = spec.split(":")
+            count = int(count)
+            if count < 1:
+                raise ValueError
+            if kind == "log":
+                steps.update(int(round(s)) for s in np.geomspace(1, num_steps, count))
+                steps.add(0)
+            else:
+                steps.update(int(round(s)) for s in np.linspace(0, num_steps, count + 1))
+        elif spec:
+            steps.update(int(s) for s in spec.split(","))
+    except ValueError:
+        _fail("train.checkpoint_steps", spec, "use 'log:K', 'linear:K' (K >= 1), explicit '0,100,1000' or ''")
+    bad = [s for s in steps if not 0 <= s <= num_steps]
+    _check(not bad, "train.checkpoint_steps", spec, f"steps {bad} outside [0, num_steps={num_steps}]")
+    return sorted(steps)
+
+
+def validate(cfg) -> None:
+    """Check every static field; raises ConfigError naming field, value and allowed range."""
+    c = cfg
+    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "must be an integer >= 0")
+    d = c.data
+    _check(d.name in data_lib.DATASET_NAMES, "data.name", d.name, f"must be one of {data_lib.DATASET_NAMES}")
+    for field in ("num_train", "num_test"):
+        _check(d[field] >= 0, f"data.{field}", d[field], "must be >= 0 (0 = all)")
+    for field in ("num_points", "num_test_points", "input_dim", "teacher_width"):
+        _check(d[field] >= 1, f"data.{field}", d[field], "must be >= 1")
+    _check(d.noise_std >= 0, "data.noise_std", d.noise_std, "must be >= 0")
+    if d.name in ("npz", "mnist", "fashion_mnist"):
+        _check(bool(d.path), "data.path", d.path, f"{d.name} needs a path to the data")
+    m = c.model
+    _check(m.name in models.MODEL_NAMES, "model.name", m.name, f"must be one of {models.MODEL_NAMES}")
+    _check(0.0 < m.keep_prob <= 1.0, "model.keep_prob", m.keep_prob, "keep probability p must be in (0, 1]")
+    _check(len(m.hidden) >= 1 and all(int(w) >= 1 for w in m.hidden), "model.hidden", m.hidden,
+           "needs at least one hidden layer, every width >= 1")
+    if m.name == "two_layer":
+        _check(len(m.hidden) == 1, "model.hidden", m.hidden, "two_layer takes exactly one width")
+    _check(m.activation in models.ACTIVATIONS, "model.activation", m.activation,
+           f"must be one of {tuple(models.ACTIVATIONS)}")
+    _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be > 0")
+    if m.name == "cnn":
+        _check(len(m.channels) >= 1 and all(ch >= 1 for ch in m.channels), "model.channels", m.channels,
+               "needs at least one conv block, channels >= 1")
+        _check(len(m.input_shape) == 3 and all(s >= 1 for s in m.input_shape), "model.input_shape",
+               m.input_shape, "must be (height, width, channels)")
+    _check(c.loss in losses.LOSS_NAMES, "loss", c.loss, f"must be one of {losses.LOSS_NAMES}")
+    _check(c.objective in losses.OBJECTIVES, "objective", c.objective, f"must be one of {tuple(losses.OBJECTIVES)}")
+    _check(c.mask_mode in MASK_MODES, "mask_mode", c.mask_mode, f"must be one of {MASK_MODES}")
+    o = c.optim
+    _check(o.name in OPTIMIZERS, "optim.name", o.name, f"must be one of {OPTIMIZERS}")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "learning rate must be finite and > 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
+    _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"must be one of {SCHEDULES}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "must be in (0, 1]")
+    _check(o.decay_every >= 1, "optim.decay_every", o.decay_every, "must be >= 1")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    t = c.train
+    _check(t.num_steps >= 1, "train.num_steps", t.num_steps, "must be >= 1")
+    _check(t.batch_size >= 0, "train.batch_size", t.batch_size, "must be >= 0 (0 = full batch)")
+    _check(t.num_replicas >= 1, "train.num_replicas", t.num_replicas, "must be >= 1")
+    _check(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    _check(t.log_every_secs > 0, "train.log_every_secs", t.log_every_secs, "must be > 0")
+    _check(t.dtype in DTYPES, "train.dtype", t.dtype, f"must be one of {DTYPES}")
+    parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)
+    num_sites = len(m.hidden) + (len(m.channels) if m.name == "cnn" else 0)
+    parse_dropout_layers(m.dropout_layers, num_sites)
+
+
+def data_spec(cfg) -> data_lib.DataSpec:
+    fields = {f.name for f in dataclasses.fields(data_lib.DataSpec)}
+    return data_lib.DataSpec(**{k: v for k, v in cfg.data.items() if k in fields})
+
+
+def build_model(cfg, dataset: data_lib.Dataset) -> models.Model:
+    """The config's model for this dataset's input/output sizes (checks they fit)."""
+    m = cfg.model
+    common = dict(out_dim=dataset.out_dim, activation=m.activation, keep_prob=float(m.keep_prob),
+                  init_scale=float(m.init_scale))
+    if m.name == "cnn":
+        shape = tuple(int(s) for s in m.input_shape)
+        _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,
+               f"must multiply to the data's input size {dataset.in_dim}")
+        selection = parse_dropout_layers(m.dropout_layers, len(m.channels) + len(m.hidden))
+        return models.make_model("cnn", input_shape=shape, channels=tuple(m.channels),
+                                 hidden=tuple(m.hidden), dropout_layers=selection, **common)
+    selection = parse_dropout_layers(m.dropout_layers, len(m.hidden))
+    return models.make_model(m.name, in_dim=dataset.in_dim, hidden=tuple(int(w) for w in m.hidden),
+                             use_bias=m.use_bias, output_bias=m.output_bias, dropout_layers=selection, **common)
+
+
+def build_schedule(cfg) -> optax.Schedule:
+    o, n = cfg.optim, cfg.train.num_steps
+    if o.schedule == "constant":
+        return optax.constant_schedule(o.lr)
+    if o.schedule == "cosine":
+        return optax.cosine_decay_schedule(o.lr, n)
+    if o.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(n, o.warmup_steps + 1))
+    return optax.exponential_decay(o.lr, o.decay_every, o.decay_factor, staircase=True)
+
+
+def build_optimizer(cfg) -> optax.GradientTransformation:
+    o, schedule = cfg.optim, build_schedule(cfg)
+    if o.name == "sgd":
+        opt = optax.sgd(schedule)
+    elif o.name == "momentum":
+        opt = optax.sgd(schedule, momentum=o.momentum)
+    else:
+        opt = optax.adam(schedule, b1=o.b1, b2=o.b2)
+    if o.weight_decay:
+        opt = optax.chain(optax.add_decayed_weights(o.weight_decay), opt)
+    return opt
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    dataset: data_lib.Dataset
+    model: models.Model
+    optimizer: optax.GradientTransformation
+    checkpoint_steps: list[int]
+    batch_size: int  # resolved: full batch when the config says 0
+
+
+def build(cfg) -> Setup:
+    """Validate, load the data, and build everything a run needs. Writes nothing."""
+    validate(cfg)
+    try:
+        dataset = data_lib.load_dataset(data_spec(cfg))
+    except data_lib.DataError as err:
+        raise ConfigError(str(err)) from err
+    n = dataset.num_train
+    t = cfg.train
+    _check(t.batch_size <= n, "train.batch_size", t.batch_size, f"must be <= the {n} training examples")
+    if cfg.loss == "cross_entropy":
+        _check(dataset.num_classes > 0, "loss", cfg.loss, f"{dataset.name} is a regression set: use mse")
+    model = build_model(cfg, dataset)
+    try:
+        losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode, lr=cfg.optim.lr)
+    except ValueError as err:
+        raise ConfigError(f"config.objective={cfg.objective!r}: {err}") from err
+    steps = parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)
+    return Setup(dataset, model, build_optimizer(cfg), steps, t.batch_size or n)

@@ -1,0 +1,1 @@
+"""Training: pure steps (step.py), state (state.py) and the driver loop (loop.py)."""

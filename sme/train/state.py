@@ -1,0 +1,26 @@
+"""Training state: arrays only, so it checkpoints as a flat list of named leaves."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+
+class TrainState(NamedTuple):
+    """State of R replicas trained in lockstep.
+
+    Attributes:
+      step: int32 scalar, the number of optimisation steps taken (shared by replicas).
+      params: parameter pytree, every leaf with a leading replica axis R.
+      opt_state: optax state pytree, leading replica axis R.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def replica(tree, index: int):
+    """Slice replica `index` out of a pytree with a leading replica axis."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)

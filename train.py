@@ -1,0 +1,44 @@
+"""Train a model with dropout (or a regularised objective) from a config file.
+
+    python train.py                                   # configs/default.py -> runs/default
+    python train.py --config=configs/smoke.py --workdir=/tmp/smoke
+    python train.py --config=configs/base.py --config.model.keep_prob=0.5 --config.optim.lr=0.05
+
+Re-running with the same --workdir resumes from the newest valid checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config (a Python file).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    cfg = _CONFIG.value
+    if cfg.train.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    from sme import config as config_lib
+    from sme.train.loop import NonFiniteLoss, run
+
+    workdir = _WORKDIR.value or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0])
+    logging.info("workdir: %s", os.path.abspath(workdir))
+    try:
+        record = run(cfg, workdir)
+    except (config_lib.ConfigError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k in ("train/risk", "test/risk", "test/acc"))
+    print(f"done: step {record['step']}: {summary}\noutputs in {os.path.abspath(workdir)}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required([])
+    app.run(main)
