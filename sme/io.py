@@ -136,12 +136,11 @@ def save_checkpoint(workdir: str, step: int, state) -> str:
     return path
 
 
-def load_checkpoint(path: str, like) -> Any:
-    """Load and verify a checkpoint into the structure of `like` (arrays or ShapeDtypeStructs).
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """Verified leaves of a checkpoint as {path name: array}, e.g. ".params['out']['w']".
 
     Raises:
-      CorruptCheckpoint: unreadable file, hash mismatch, or a leaf whose name,
-        shape or dtype differs from `like`.
+      CorruptCheckpoint: unreadable file or hash mismatch.
     """
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -152,6 +151,18 @@ def load_checkpoint(path: str, like) -> Any:
         raise CorruptCheckpoint(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     if _digest(names, arrays) != digest:
         raise CorruptCheckpoint(f"{path}: SHA-256 mismatch, the file is corrupt")
+    return dict(zip(names, arrays))
+
+
+def load_checkpoint(path: str, like) -> Any:
+    """Load and verify a checkpoint into the structure of `like` (arrays or ShapeDtypeStructs).
+
+    Raises:
+      CorruptCheckpoint: unreadable file, hash mismatch, or a leaf whose name,
+        shape or dtype differs from `like`.
+    """
+    stored = read_checkpoint(path)
+    names, arrays = list(stored), list(stored.values())
     want_names, want_leaves, treedef = _leaf_names(like)
     if names != want_names:
         raise CorruptCheckpoint(f"{path}: holds leaves {names[:4]}... but the run expects {want_names[:4]}...")

@@ -75,7 +75,8 @@ def init_state(model, optimizer, *, seed: int, num_replicas: int, share_init: bo
     """Initial state of R replicas; replica r uses key(seed, INIT, r), or replica 0's if shared."""
     replicas = jnp.zeros(num_replicas, jnp.int32) if share_init else jnp.arange(num_replicas)
     params = jax.vmap(lambda r: model.init(rng.stream_key(seed, rng.INIT, replica=r), dtype=dtype))(replicas)
-    return TrainState(jnp.asarray(0, jnp.int32), params, jax.vmap(optimizer.init)(params))
+    return TrainState(jnp.asarray(0, jnp.int32), params, jax.vmap(optimizer.init)(params),
+                      jnp.zeros((num_replicas,), dtype))
 
 
 def _shard(state: TrainState, num_replicas: int) -> TrainState:
@@ -86,8 +87,7 @@ def _shard(state: TrainState, num_replicas: int) -> TrainState:
     mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return TrainState(jax.device_put(state.step, whole), jax.device_put(state.params, split),
-                      jax.device_put(state.opt_state, split))
+    return TrainState(jax.device_put(state.step, whole), *jax.device_put(state[1:], split))
 
 
 def _summarise(values: dict, step: int) -> dict:
@@ -153,12 +153,14 @@ def run(cfg, workdir: str) -> dict:
 
     last_point = [time.time(), int(state.step)]
 
-    def log_point(step, loss_mean):
-        nonlocal record
+    def log_point(step):
+        nonlocal record, state
         values = jax.device_get(evaluate(state.params, x_tr, y_tr, x_te, y_te))
+        if step > last_record[0]:
+            values["train/objective"] = np.asarray(state.loss_sum, np.float64) / (step - last_record[0])
+        state = state._replace(loss_sum=jnp.zeros_like(state.loss_sum))
         record = _summarise(values, step)
-        if loss_mean is not None:
-            record.update({k: v for k, v in _summarise({"train/objective": loss_mean}, step).items() if k != "step"})
+        last_record[0] = step
         now = time.time()
         if step > last_point[1]:  # training throughput since the previous record (evaluation excluded)
             record["steps_per_sec"] = (step - last_point[1]) / max(now - last_point[0], 1e-9)
@@ -172,18 +174,19 @@ def run(cfg, workdir: str) -> dict:
             if old_step < step and old_step not in kept:
                 os.remove(path)  # rolling resume checkpoint superseded
 
+    records = io.read_jsonl(metrics_path)
+    last_record = [records[-1]["step"] if records else 0]
     if resumed is None:
-        log_point(0, None)
+        log_point(0)
         if 0 in kept:
             save(0)
 
     chunk, last_log, start, start_step = 1, time.time(), time.time(), step
-    loss_sum, loss_steps = np.zeros(t.num_replicas), 0
     while step < t.num_steps:
         target = next(m for m in marks if m > step)
         n = min(target - step, chunk)
         tic = time.time()
-        new_state, chunk_loss, bad = advance(state, jnp.asarray(n, jnp.int32), x_tr, y_tr)
+        new_state, bad = advance(state, jnp.asarray(n, jnp.int32), x_tr, y_tr)
         bad = int(bad)
         if bad >= 0:
             good = [s for s, _ in io.list_checkpoints(workdir)]
@@ -192,14 +195,11 @@ def run(cfg, workdir: str) -> dict:
                 f"Last good checkpoint: step {good[-1] if good else 'none'} in {workdir}/checkpoints. "
                 "Lower optim.lr or check the data.")
         state, step = new_state, step + n
-        loss_sum += np.asarray(chunk_loss, np.float64)
-        loss_steps += n
         elapsed = time.time() - tic
         # Grow chunks until one takes ~1/4 of the progress interval (first call includes compilation).
         chunk = max(1, min(chunk * 4, int(n / max(elapsed, 1e-6) * t.log_every_secs / 4) or 1))
         if step % t.eval_every == 0 or step == t.num_steps or step in kept:
-            log_point(step, loss_sum / max(loss_steps, 1))
-            loss_sum, loss_steps = np.zeros(t.num_replicas), 0
+            log_point(step)
         if step in kept or step % t.checkpoint_every == 0 or step == t.num_steps:
             save(step)
         now = time.time()

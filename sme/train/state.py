@@ -14,11 +14,15 @@ class TrainState(NamedTuple):
       step: int32 scalar, the number of optimisation steps taken (shared by replicas).
       params: parameter pytree, every leaf with a leading replica axis R.
       opt_state: optax state pytree, leading replica axis R.
+      loss_sum: (R,) training objective summed since the last metrics record. Kept
+        in the state (and checkpoint) so the logged mean is the same however the
+        run was chunked or resumed.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    loss_sum: jax.Array
 
 
 def replica(tree, index: int):

@@ -61,26 +61,23 @@ def make_train_step(replica_step):
 
 
 def make_advance(train_step):
-    """Return ``advance(state, num_steps, x, y) -> (state, loss_sum, first_bad_step)``.
+    """Return ``advance(state, num_steps, x, y) -> (state, first_bad_step)``.
 
     Runs ``num_steps`` steps in one `lax.fori_loop` whose trip count is a traced
-    value, so one compilation serves chunks of any length. ``loss_sum`` (R,) is
-    the sum of the replicas' training losses over the chunk; ``first_bad_step``
-    is the first step whose loss was non-finite in any replica, or -1.
+    value, so one compilation serves chunks of any length. Each step's training
+    losses (R,) are added to ``state.loss_sum``; ``first_bad_step`` is the first
+    step whose loss was non-finite in any replica, or -1.
     """
     from sme.train.state import TrainState
 
     def advance(state: TrainState, num_steps, x, y):
-        num_replicas = jax.tree_util.tree_leaves(state.params)[0].shape[0]
-
         def body(_, carry):
-            state, loss_sum, bad = carry
+            state, bad = carry
             params, opt_state, loss = train_step(state.params, state.opt_state, state.step, x, y)
             finite = jnp.all(jnp.isfinite(loss))
             bad = jnp.where((bad < 0) & ~finite, state.step, bad)
-            return TrainState(state.step + 1, params, opt_state), loss_sum + loss, bad
+            return TrainState(state.step + 1, params, opt_state, state.loss_sum + loss), bad
 
-        init = (state, jnp.zeros((num_replicas,), x.dtype), jnp.asarray(-1, jnp.int32))
-        return jax.lax.fori_loop(0, num_steps, body, init)
+        return jax.lax.fori_loop(0, num_steps, body, (state, jnp.asarray(-1, jnp.int32)))
 
     return advance
