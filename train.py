@@ -24,6 +24,7 @@ def main(argv):
     cfg = _CONFIG.value
     if cfg.train.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    from configs import base
     from sme import config as config_lib
     from sme.train.loop import NonFiniteLoss, run
 
@@ -31,6 +32,7 @@ def main(argv):
         "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0])
     logging.info("workdir: %s", os.path.abspath(workdir))
     try:
+        config_lib.check_fields(cfg, base.get_config())
         record = run(cfg, workdir)
     except (config_lib.ConfigError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
