@@ -1,0 +1,436 @@
+"""Landscape analyses: inverse variance-flatness (gradient and trajectory data) and 1-D profiles.
+
+Registered analyses (settings: module-level ``*_DEFAULTS``; missing ones are
+filled, unknown ones are an error, and the filled settings are returned as the
+JSON string ``settings``):
+
+* ``flatness`` — random gradient data at the checkpoint theta (arXiv 2305.15850
+  §5, Feng & Tu PNAS 2021): K gradients g_k = grad R^drop_S(theta; eta_k) over the
+  first ``num_examples`` training examples with fresh noise per row
+  (``noise``: ``dropout`` masks in the run's mask mode, ``minibatch`` batches of
+  ``batch_size`` without dropout, or ``dropout_minibatch`` both), PCA of the
+  K x P rows (variances divided by K - 1), interval flatness F_i of the
+  landscape ``objective`` at theta along the top ``num_components`` PCs for
+  c = 2 and c = e, and the fit sigma_i^2 ~ F_i^(-psi) leaving out the first
+  ``num_excluded`` PCs and capped widths. Row k's noise comes from
+  ``split(fold_in(key, 0), K)[k]``: masks from that key, batch indices from its
+  ``fold_in(., 1)``.
+* ``trajectory_flatness`` — random trajectory data: the same with the rows read
+  from ``<workdir>/<filename>`` (default ``snapshots.npz``), key ``params`` of
+  shape (S, P) (or (R, S, P), replica axis first; float32), optional ``steps``
+  (S,). theta* is the ``reference``: ``last`` snapshot, window ``mean``, or the
+  ``checkpoint``'s parameters. The window does not depend on the checkpoint:
+  request it for one step. Skipped (key ``skipped`` holds the reason) when there
+  is no workdir or no snapshot file.
+* ``profile`` — filter-normalised 1-D profiles (Li et al. 2018):
+  ``objective`` on the training set and R_S on the test set along
+  ``num_directions`` random directions, alpha in [-radius, radius].
+
+Landscape ``objective``: ``risk`` (R_S, the deterministic net), ``modified``
+(closed-form L_S = R_S + R_1; MSE with last-layer dropout only) or
+``modified_mc`` (L_S averaged over ``num_loss_masks`` masks drawn once from
+``fold_in(key, 1)``, so that the loss is a deterministic function of theta).
+
+Artifact keys (flatness, trajectory_flatness): ``variances`` (all PCs),
+``directions`` (k, P) float32, ``factors`` (2,) = (2, e), ``width``/``left``/
+``right``/``capped`` (2, k), ``resolved`` (k,) (variance above 100 eps sigma_1^2,
+the Gram route's noise floor; unresolved and capped points are not fitted),
+``loss_star``, and per factor (suffix ``c2``,
+``ce``) the scalars ``psi``, ``psi_low``, ``psi_high``, ``intercept``,
+``spearman``, ``num_fit_points`` (NaN with ``fit_error_<c>`` when fewer than 3
+points remain). Profile: ``alphas`` (A,), ``train_losses``/``test_losses``
+(D, A), ``loss_at_params``, ``test_loss_at_params``.
+
+Jitted functions are cached per (model, loss, mask mode, settings), so the many
+checkpoints of a run compile once.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from sme import landscape, losses
+from sme.analyses import Context, register
+from sme.dropout import sample_masks
+
+FACTOR_NAMES = ("c2", "ce")  # suffixes of landscape.FACTORS = (2, e)
+OBJECTIVES = ("risk", "modified", "modified_mc")
+NOISES = ("dropout", "minibatch", "dropout_minibatch")
+
+_SEARCH_DEFAULTS = dict(
+    objective="risk",  # landscape whose flatness is measured (see module docstring)
+    num_loss_masks=16,  # masks of the modified_mc objective
+    num_examples=0,  # first n training examples for losses and gradients; 0 = all
+    num_components=16,  # PCs along which F_i is measured
+    num_excluded=1,  # leading PCs (drift mode) left out of the psi fit
+    init_step=1e-3,  # first bracket step along a unit direction (parameter units)
+    max_distance=1e3,  # cap of each side of the interval
+    num_bisect=20,  # bisections: crossing located to 2^-21 of its bracket
+    num_boot=2000,  # bootstrap resamples of the psi interval
+    level=0.95,  # confidence level of the psi interval
+)
+FLATNESS_DEFAULTS = dict(
+    _SEARCH_DEFAULTS,
+    num_masks=64,  # K gradient rows
+    noise="dropout",  # dropout | minibatch | dropout_minibatch
+    batch_size=0,  # minibatch noise: batch size; 0 = the run's train.batch_size
+    chunk_size=16,  # gradient rows vmapped at once (memory bound)
+)
+TRAJECTORY_DEFAULTS = dict(_SEARCH_DEFAULTS, filename="snapshots.npz", reference="last")
+PROFILE_DEFAULTS = dict(
+    objective="risk", num_loss_masks=16, num_examples=0,
+    num_directions=4,  # random filter-normalised directions
+    num_points=41,  # odd, so that alpha = 0 is on the grid
+    radius=1.0,  # alpha in [-radius, radius], in filter-normalised units
+    zero_bias=True,  # Li et al.: biases are not perturbed
+)
+
+
+def _cast(name: str, key: str, value, default):
+    """A setting given as text (command line) or a number, as the type of its default."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text in ("true", "1")
+        if kind is int:
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        return float(value) if kind is float else value
+    except (TypeError, ValueError):
+        raise ValueError(f"analysis {name}: setting {key}={value!r} is not a {kind.__name__}") from None
+
+
+def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
+    """Defaults overridden by ``settings``; unknown keys or ill-typed values raise naming them."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
+    filled = {k: _cast(name, k, settings.get(k, d), d) for k, d in defaults.items()}
+    if filled["objective"] not in OBJECTIVES:
+        raise ValueError(f"analysis {name}: objective={filled['objective']!r}; expected one of {OBJECTIVES}")
+    return filled
+
+
+def _search(s: dict) -> landscape.BracketSearch:
+    return landscape.BracketSearch(s["init_step"], s["max_distance"], s["num_bisect"])
+
+
+def _objective(model, loss, mode, s, x, y, *, key):
+    """The landscape loss as fn(params pytree); masks of modified_mc are fixed (drawn once)."""
+    if s["objective"] == "risk":
+        return lambda p: losses.risk(model, loss, p, x, y)
+    if s["objective"] == "modified":
+        losses.check_closed_form(model, loss)
+        return lambda p: losses.modified_loss(model, loss, p, x, y)
+    batch_shape = (s["num_loss_masks"],) if mode == "shared" else (s["num_loss_masks"], x.shape[0])
+    masks = sample_masks(model.sites, key=key, batch_shape=batch_shape, dtype=x.dtype)
+    # lax.map over masks: memory of one mask's forward pass even when vmapped over directions.
+    return lambda p: jnp.mean(jax.lax.map(
+        lambda m: losses.dropout_risk(model, loss, p, x, y, m, mode=mode), masks))
+
+
+def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
+    """(K, P) raveled gradients of R^drop over a noise draw per row (module docstring)."""
+    use_masks, use_batch = s["noise"] != "minibatch", s["noise"] != "dropout"
+    n = s["batch_size"] if use_batch else x.shape[0]
+    grad = jax.grad(losses.dropout_risk, argnums=2)
+
+    def row(k):
+        xb, yb = x, y
+        if use_batch:
+            idx = jax.random.choice(jax.random.fold_in(k, 1), x.shape[0], (n,), replace=False)
+            xb, yb = x[idx], y[idx]
+        shape = () if mode == "shared" else (n,)
+        masks = (sample_masks(model.sites, key=k, batch_shape=shape, dtype=x.dtype) if use_masks else
+                 tuple(jnp.ones((*shape, *site.shape), x.dtype) for site in model.sites))
+        return ravel_pytree(grad(model, loss, params, xb, yb, masks, mode=mode))[0]
+
+    return jax.lax.map(row, jax.random.split(key, s["num_masks"]), batch_size=s["chunk_size"])
+
+
+class _BySpec:
+    """A Model compared by (spec, sites): `make_model` builds equal functions from equal specs,
+    so a run's checkpoints, and runs sharing an architecture, share compiled functions."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __hash__(self):
+        return hash((self.model.spec, self.model.sites))
+
+    def __eq__(self, other):
+        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
+
+
+@functools.lru_cache(maxsize=16)
+def _flatness_fn(by_spec: _BySpec, loss, mode, frozen, from_gradients: bool):
+    s, model = dict(frozen), by_spec.model
+
+    def run(params, rows, x, y, key):
+        flat, unravel = ravel_pytree(params)
+        # Gradient data: rows drawn at theta; trajectory data: rows given, theta* = params.
+        if from_gradients:
+            rows = _gradient_rows(model, loss, mode, s, params, x, y, key=jax.random.fold_in(key, 0))
+        objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
+        comps, flat_res = landscape.pca_flatness(
+            rows, lambda v: objective(unravel(v)), flat, num_components=s["num_components"],
+            search=_search(s))
+        return comps.variances, comps.directions[: s["num_components"]], flat_res
+
+    return jax.jit(run)
+
+
+# Gram eigenvalues are accurate to ~eps * sigma_1^2: smaller variances (e.g. beyond the
+# rank of K rows drawn from fewer distinct masks) are numerical noise, not data.
+RESOLVED_EPS = 100
+
+
+def _fit_entries(variances, result, resolved, s) -> dict:
+    out = {}
+    for i, tag in enumerate(FACTOR_NAMES):
+        try:
+            fit = landscape.variance_flatness_fit(
+                variances[: len(resolved)], result.width[i], num_excluded=s["num_excluded"],
+                valid=resolved & ~result.capped[i], num_boot=s["num_boot"], level=s["level"])
+            values = fit._asdict()
+        except ValueError as err:
+            values = {f: math.nan for f in landscape.PsiFit._fields}
+            values["num_points"] = 0
+            out[f"fit_error_{tag}"] = str(err)
+        for field, value in values.items():
+            out[f"{'num_fit_points' if field == 'num_points' else field}_{tag}"] = value
+    return out
+
+
+def _flatness_result(variances, directions, result, s) -> dict:
+    dtype = directions.dtype
+    variances = np.asarray(variances, np.float64)
+    result = landscape.Flatness(*(np.asarray(a) for a in result))
+    k = result.width.shape[1]
+    resolved = variances[:k] > RESOLVED_EPS * np.finfo(dtype).eps * variances[0]
+    out = dict(variances=variances, directions=np.asarray(directions, np.float32),
+               factors=np.asarray(landscape.FACTORS), width=result.width, left=result.left,
+               right=result.right, capped=result.capped, resolved=resolved, loss_star=result.loss,
+               settings=json.dumps(s, sort_keys=True))
+    out.update(_fit_entries(variances, result, resolved, s))
+    return out
+
+
+def _train_data(ctx: Context, s: dict, dtype):
+    n = s["num_examples"] or ctx.dataset.num_train
+    if not 1 <= n <= ctx.dataset.num_train:
+        raise ValueError(f"num_examples={s['num_examples']} but the run has {ctx.dataset.num_train} examples")
+    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
+
+
+def _dtype(params):
+    return jnp.result_type(*jax.tree.leaves(params))
+
+
+def _check_rows(s: dict, num_rows: int, dim: int, what: str):
+    if not 1 <= s["num_components"] <= min(num_rows - 1, dim):
+        raise ValueError(f"num_components={s['num_components']} must be in [1, {min(num_rows - 1, dim)}] "
+                         f"for {num_rows} {what} of dimension {dim}")
+
+
+def flatness(ctx: Context, *, key) -> dict:
+    """Random gradient data at the checkpoint: PCA, interval flatness (c = 2, e) and the psi fit."""
+    s = fill_settings("flatness", ctx.settings, FLATNESS_DEFAULTS)
+    if s["noise"] not in NOISES:
+        raise ValueError(f"analysis flatness: noise={s['noise']!r}; expected one of {NOISES}")
+    if s["noise"] != "minibatch" and not any(site.droppable for site in ctx.model.sites):
+        raise ValueError("analysis flatness: the model has no dropout (all keep_prob = 1), so mask "
+                         "gradients are identical; use noise='minibatch'")
+    x, y = _train_data(ctx, s, _dtype(ctx.params))
+    if s["noise"] != "dropout":
+        s["batch_size"] = s["batch_size"] or int(ctx.run_config.get("train", {}).get("batch_size", 0))
+        if not 1 <= s["batch_size"] < x.shape[0]:
+            raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {x.shape[0]} "
+                             f"examples, got batch_size={s['batch_size']}")
+    _check_rows(s, s["num_masks"], ravel_pytree(ctx.params)[0].shape[0], "gradient rows")
+    fn = _flatness_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), True)
+    return _flatness_result(*fn(ctx.params, None, x, y, key), s)
+
+
+def _workdir(ctx: Context):
+    return getattr(ctx, "workdir", None) or (ctx.run_config or {}).get("workdir")
+
+
+def load_snapshots(path: str, *, replica: int = 0) -> np.ndarray:
+    """The (S, P) ``params`` stack of a snapshot file (replica ``replica`` of an (R, S, P) stack)."""
+    with np.load(path, allow_pickle=False) as f:
+        if "params" not in f.files:
+            raise ValueError(f"{path}: no 'params' array (keys: {f.files})")
+        stack = f["params"]
+    if stack.ndim == 3:
+        if not 0 <= replica < stack.shape[0]:
+            raise ValueError(f"{path}: replica {replica} but the stack has {stack.shape[0]} replicas")
+        stack = stack[replica]
+    if stack.ndim != 2 or stack.shape[0] < 2:
+        raise ValueError(f"{path}: 'params' must be (S, P) or (R, S, P) with S >= 2, got {stack.shape}")
+    return stack
+
+
+def trajectory_flatness(ctx: Context, *, key) -> dict:
+    """Random trajectory data from <workdir>/snapshots.npz: PCA, interval flatness, psi fit."""
+    s = fill_settings("trajectory_flatness", ctx.settings, TRAJECTORY_DEFAULTS)
+    if s["reference"] not in ("last", "mean", "checkpoint"):
+        raise ValueError(f"analysis trajectory_flatness: reference={s['reference']!r}; "
+                         "expected last, mean or checkpoint")
+    workdir = _workdir(ctx)
+    path = os.path.join(workdir, s["filename"]) if workdir else None
+    if path is None or not os.path.exists(path):
+        reason = ("no workdir in the analysis context" if path is None else
+                  f"no snapshot file {path} (training must save the window's weights)")
+        logging.warning("trajectory_flatness skipped: %s", reason)
+        return {"skipped": f"trajectory_flatness skipped: {reason}", "settings": json.dumps(s, sort_keys=True)}
+    flat, unravel = ravel_pytree(ctx.params)
+    rows = jnp.asarray(load_snapshots(path, replica=ctx.replica), flat.dtype)
+    if rows.shape[1] != flat.shape[0]:
+        raise ValueError(f"{path}: snapshots have {rows.shape[1]} parameters but the model has {flat.shape[0]}")
+    _check_rows(s, rows.shape[0], rows.shape[1], "snapshots")
+    reference = {"last": rows[-1], "mean": jnp.mean(rows, axis=0), "checkpoint": flat}[s["reference"]]
+    x, y = _train_data(ctx, s, flat.dtype)
+    fn = _flatness_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), False)
+    out = _flatness_result(*fn(unravel(reference), rows, x, y, key), s)
+    out["num_snapshots"] = rows.shape[0]
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _profile_fn(by_spec: _BySpec, loss, mode, frozen):
+    s, model = dict(frozen), by_spec.model
+    alphas = jnp.linspace(-s["radius"], s["radius"], s["num_points"])
+
+    def run(params, x, y, x_test, y_test, key):
+        objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
+        test = lambda p: losses.risk(model, loss, p, x_test, y_test)
+
+        def one(k):
+            d = landscape.filter_normalize(landscape.random_direction(params, key=k), params,
+                                           zero_bias=s["zero_bias"])
+            return (landscape.profile_1d(objective, params, d, alphas),
+                    landscape.profile_1d(test, params, d, alphas))
+
+        keys = jax.random.split(jax.random.fold_in(key, 2), s["num_directions"])
+        train_losses, test_losses = jax.lax.map(one, keys)  # one direction at a time: bounded memory
+        return alphas, train_losses, test_losses, objective(params), test(params)
+
+    return jax.jit(run)
+
+
+def profile(ctx: Context, *, key) -> dict:
+    """Filter-normalised 1-D loss profiles along random directions at the checkpoint."""
+    s = fill_settings("profile", ctx.settings, PROFILE_DEFAULTS)
+    if s["num_points"] < 3 or s["num_points"] % 2 == 0 or s["num_directions"] < 1 or not s["radius"] > 0:
+        raise ValueError(f"analysis profile: need odd num_points >= 3, num_directions >= 1 and radius > 0; got "
+                         f"{s['num_points']}, {s['num_directions']}, {s['radius']}")
+    dtype = _dtype(ctx.params)
+    x, y = _train_data(ctx, s, dtype)
+    xt, yt = jnp.asarray(ctx.dataset.x_test, dtype), jnp.asarray(ctx.dataset.y_test, dtype)
+    fn = _profile_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    alphas, train_losses, test_losses, at_params, test_at_params = fn(ctx.params, x, y, xt, yt, key)
+    return dict(alphas=alphas, train_losses=train_losses, test_losses=test_losses,
+                loss_at_params=at_params, test_loss_at_params=test_at_params,
+                settings=json.dumps(s, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _load_steps(directory: str, steps) -> list[tuple[int, dict]]:
+    out = []
+    for step in steps:
+        paths = glob.glob(os.path.join(directory, f"step_{int(step):09d}.npz")) or \
+            glob.glob(os.path.join(directory, f"step_{int(step)}.npz"))
+        if paths:
+            with np.load(paths[0], allow_pickle=False) as f:
+                out.append((int(step), {k: f[k] for k in f.files}))
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_flatness_kind(prefix: str, title: str):
+    def plot(directory: str, steps) -> list[str]:
+        plt, written = _pyplot(), []
+        for step, a in _load_steps(directory, steps):
+            if "skipped" in a:
+                continue
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+            k = a["width"].shape[1]
+            var = a["variances"][:k]
+            fitted = np.arange(k) >= json.loads(str(a["settings"]))["num_excluded"]
+            for i, (ax, tag) in enumerate(zip(axes, FACTOR_NAMES)):
+                w, capped = a["width"][i], a["capped"][i]
+                used = fitted & ~capped & a["resolved"]
+                ax.loglog(w[used], var[used], "o", label="PCs in the fit")
+                ax.loglog(w[~fitted], var[~fitted], "s", color="grey", label="excluded (drift)")
+                ax.loglog(w[fitted & ~used], var[fitted & ~used], "o", mfc="none", label="capped/unresolved")
+                psi = float(a[f"psi_{tag}"])
+                if np.isfinite(psi):
+                    grid = np.geomspace(w[used].min(), w[used].max(), 50)
+                    ax.loglog(grid, np.exp(float(a[f"intercept_{tag}"])) * grid ** -psi, "k-",
+                              label=f"ψ = {psi:.2f} [{float(a[f'psi_low_{tag}']):.2f}, "
+                                    f"{float(a[f'psi_high_{tag}']):.2f}], ρ = {float(a[f'spearman_{tag}']):.2f}")
+                c = "2" if tag == "c2" else "e"
+                ax.set(xlabel=f"flatness F_i (c = {c})", title=f"{title}, step {step}")
+                ax.legend(fontsize=8)
+            axes[0].set_ylabel("variance σ_i²")
+            path = os.path.join(directory, f"{prefix}_step_{step:09d}.png")
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+        return written
+
+    return plot
+
+
+def plot_profile(directory: str, steps) -> list[str]:
+    """Mean profile over directions (band: min to max) per checkpoint, train and test."""
+    plt = _pyplot()
+    loaded = _load_steps(directory, steps)
+    if not loaded:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(loaded)))
+    for (step, a), color in zip(loaded, colors):
+        for ax, key in zip(axes, ("train_losses", "test_losses")):
+            ax.plot(a["alphas"], a[key].mean(0), color=color, label=f"step {step}")
+            ax.fill_between(a["alphas"], a[key].min(0), a[key].max(0), color=color, alpha=0.2)
+    objective = json.loads(str(loaded[-1][1]["settings"]))["objective"]
+    axes[0].set(xlabel="α (filter-normalised)", ylabel=f"{objective} (train)", title="train")
+    axes[1].set(xlabel="α (filter-normalised)", ylabel="R_S (test)", title="test")
+    axes[1].legend(fontsize=8)
+    path = os.path.join(directory, "profile.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+register("flatness", plot_fn=_plot_flatness_kind("flatness", "random gradient data"))(flatness)
+register("trajectory_flatness", plot_fn=_plot_flatness_kind("trajectory_flatness", "random trajectory data"))(trajectory_flatness)
+register("profile", plot_fn=plot_profile)(profile)
