@@ -49,6 +49,9 @@ train.checkpoint_steps  steps kept for analysis: "log:K" (K log-spaced), "linear
 train.checkpoint_every  steps between rolling "latest" checkpoints for resuming (>= 1).
 train.log_every_secs    seconds between progress lines (> 0).
 train.dtype         float32 | float64.
+train.snapshot_start    first step of the trajectory-snapshot window (-1 = no snapshots); the
+                    raveled parameters at snapshot_start + k * snapshot_every go to snapshots.npz.
+train.snapshot_every    steps between snapshots (>= 1).
 analysis.*          per-analysis settings used by analyze.py (see each analysis' docstring).
 """
 
@@ -77,7 +80,8 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict(dict(
         num_steps=3000, batch_size=64, num_replicas=1, share_init=False, eval_every=250,
-        checkpoint_steps="log:8", checkpoint_every=1000, log_every_secs=5.0, dtype="float32"))
+        checkpoint_steps="log:8", checkpoint_every=1000, log_every_secs=5.0, dtype="float32",
+        snapshot_start=-1, snapshot_every=1))
 
     c.analysis = ConfigDict()
     return c

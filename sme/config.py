@@ -153,6 +153,9 @@ def validate(cfg) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _check(t.log_every_secs > 0, "train.log_every_secs", t.log_every_secs, "must be > 0")
     _check(t.dtype in DTYPES, "train.dtype", t.dtype, f"must be one of {DTYPES}")
+    _check(-1 <= t.snapshot_start <= t.num_steps, "train.snapshot_start", t.snapshot_start,
+           f"must be -1 (off) or a step in [0, num_steps={t.num_steps}]")
+    _check(t.snapshot_every >= 1, "train.snapshot_every", t.snapshot_every, "must be >= 1")
     parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)
     num_sites = len(m.hidden) + (len(m.channels) if m.name == "cnn" else 0)
     parse_dropout_layers(m.dropout_layers, num_sites)

@@ -226,3 +226,23 @@ def test_replicas_sharded_over_devices_match_one_device(tmp_path, root):
     _, b = _final(str(tmp_path / "one"))
     for name in a:  # same programme, partitioned: equal up to float32 re-association
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_trajectory_snapshots_survive_resume(tmp_path):
+    cfg = smoke.get_config()
+    cfg.train.snapshot_start, cfg.train.snapshot_every = 30, 3
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    loop.run(cfg, a)
+    snaps = io.load_arrays(os.path.join(a, "snapshots.npz"))
+    assert snaps["steps"].tolist() == list(range(30, 61, 3))
+    _, final = _final(a)
+    flat_final = np.concatenate([final[k][0].ravel() for k in sorted(final) if k.startswith(".params")])
+    assert snaps["params"].shape == (1, 11, flat_final.size)
+    loop.run(cfg, b)
+    for step, path in io.list_checkpoints(b):
+        if step > 40:
+            os.remove(path)
+    loop.run(cfg, b)  # resumes at 40 with the snapshots up to 40, retakes the rest
+    again = io.load_arrays(os.path.join(b, "snapshots.npz"))
+    np.testing.assert_array_equal(again["steps"], snaps["steps"])
+    np.testing.assert_array_equal(again["params"], snaps["params"])

@@ -30,6 +30,7 @@ from absl import logging
 from sme import config as config_lib
 from sme import io, losses, rng
 from sme.train.evaluate import make_evaluate
+from sme.train.snapshots import SnapshotBuffer, snapshot_steps
 from sme.train.state import TrainState
 from sme.train.step import make_advance, make_replica_step, make_train_step
 
@@ -100,9 +101,9 @@ def _summarise(values: dict, step: int) -> dict:
     return record
 
 
-def _boundaries(num_steps: int, eval_every: int, checkpoint_every: int, kept: list[int]) -> list[int]:
+def _boundaries(num_steps: int, eval_every: int, checkpoint_every: int, extra: list[int]) -> list[int]:
     marks = set(range(0, num_steps + 1, eval_every)) | set(range(0, num_steps + 1, checkpoint_every))
-    return sorted(marks | set(kept) | {num_steps})
+    return sorted(marks | set(extra) | {num_steps})
 
 
 def run(cfg, workdir: str) -> dict:
@@ -147,8 +148,10 @@ def run(cfg, workdir: str) -> dict:
     state = _shard(state, t.num_replicas)
 
     kept = set(setup.checkpoint_steps)
-    marks = _boundaries(t.num_steps, t.eval_every, t.checkpoint_every, sorted(kept))
+    snaps = SnapshotBuffer(workdir, snapshot_steps(t.snapshot_start, t.snapshot_every, t.num_steps))
+    marks = _boundaries(t.num_steps, t.eval_every, t.checkpoint_every, sorted(kept | snaps.steps))
     step = int(state.step)
+    snaps.restore(step)
     record = {}
 
     last_point = [time.time(), int(state.step)]
@@ -169,6 +172,7 @@ def run(cfg, workdir: str) -> dict:
         last_point[:] = [time.time(), step]
 
     def save(step):
+        snaps.save()  # first: a checkpoint never exists without the snapshots before it
         io.save_checkpoint(workdir, step, jax.device_get(state))
         for old_step, path in io.list_checkpoints(workdir):
             if old_step < step and old_step not in kept:
@@ -178,6 +182,7 @@ def run(cfg, workdir: str) -> dict:
     last_record = [records[-1]["step"] if records else 0]
     if resumed is None:
         log_point(0)
+        snaps.maybe_take(0, state.params)
         if 0 in kept:
             save(0)
 
@@ -195,6 +200,7 @@ def run(cfg, workdir: str) -> dict:
                 f"Last good checkpoint: step {good[-1] if good else 'none'} in {workdir}/checkpoints. "
                 "Lower optim.lr or check the data.")
         state, step = new_state, step + n
+        snaps.maybe_take(step, state.params)
         elapsed = time.time() - tic
         # Grow chunks until one takes ~1/4 of the progress interval (first call includes compilation).
         chunk = max(1, min(chunk * 4, int(n / max(elapsed, 1e-6) * t.log_every_secs / 4) or 1))
