@@ -1,7 +1,8 @@
 """Run analyses over the checkpoints of one or several training runs.
 
     python analyze.py --workdir=runs/default --analyses=hessian,covariance
-    python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.k=20
+    python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.k=20 \
+        --compare=runs/compare
     python analyze.py --list
 
 Each run's own config.json fixes the model and data; only analysis settings come
@@ -22,6 +23,7 @@ _REPLICA = flags.DEFINE_integer("replica", 0, "Which replica of a multi-replica 
 _SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (Python literal).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk.")
 _LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
+_COMPARE = flags.DEFINE_string("compare", None, "Directory for figures comparing the runs (several --workdir).")
 
 
 def parse_settings(items):
@@ -52,6 +54,7 @@ def main(argv):
         sys.exit("error: --workdir is required")
     try:
         overrides = parse_settings(_SET.value)
+        failed = False
         for workdir in _WORKDIR.value:
             cfg, _, _ = load_run(workdir)
             if cfg.train.dtype == "float64":
@@ -65,8 +68,14 @@ def main(argv):
             print(f"{workdir}: wrote {workdir}/analysis ({', '.join(_ANALYSES.value)})")
             for failure in summary.get("failures", []):
                 print(f"  failed: {failure}", file=sys.stderr)
-            if summary.get("failures"):
-                sys.exit(1)
+            failed = failed or bool(summary.get("failures"))
+        if _COMPARE.value:
+            from sme.analyses.compare import compare_runs
+
+            compare_runs(_WORKDIR.value, _ANALYSES.value, _COMPARE.value)
+            print(f"comparison of {len(_WORKDIR.value)} runs in {_COMPARE.value}")
+        if failed:
+            sys.exit(1)
     except (AnalysisError, ValueError) as err:
         sys.exit(f"error: {err}")
 

@@ -52,3 +52,22 @@ def test_analyze_rejects_bad_requests(smoke_run):
     assert proc.returncode != 0 and "no checkpoint for steps [7]" in proc.stderr
     proc = _run([os.path.join(root, "analyze.py"), f"--workdir={tmp / 'missing'}", "--analyses=profile"], tmp)
     assert proc.returncode != 0 and "no config.json" in proc.stderr
+
+
+def test_compare_runs_collects_each_runs_numbers(smoke_run):
+    root, tmp, workdir = smoke_run
+    other = tmp / "other"
+    proc = _run([os.path.join(root, "train.py"), f"--config={root}/configs/smoke.py", f"--workdir={other}",
+                 "--config.model.keep_prob=1.0"], tmp)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp / "compare"
+    proc = _run([os.path.join(root, "analyze.py"), f"--workdir={workdir},{other}", "--analyses=profile",
+                 "--steps=last", "--set=profile.num_directions=1", "--set=profile.num_points=5",
+                 f"--compare={out}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.load(open(out / "compare.json"))["profile"]["loss_at_params"]
+    for label, path in (("run", workdir), ("other", other)):
+        final = io.read_jsonl(str(path / "metrics.jsonl"))[-1]
+        assert table[label]["60"] == pytest.approx(final["train/risk"], rel=1e-5)
+    assert table["run"]["60"] != table["other"]["60"]  # dropout and no dropout train differently
+    assert os.path.exists(out / "compare_profile.png")
