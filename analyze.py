@@ -4,6 +4,7 @@
     python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.k=20 \
         --compare=runs/compare
     python analyze.py --list
+    python analyze.py --reproduce=cpu --report=reports/cpu     # E2-E6 end to end
 
 Each run's own config.json fixes the model and data; only analysis settings come
 from here (--set NAME.FIELD=VALUE, over the run's config.analysis block).
@@ -23,6 +24,8 @@ _REPLICA = flags.DEFINE_integer("replica", 0, "Which replica of a multi-replica 
 _SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (Python literal).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk.")
 _LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
+_REPRODUCE = flags.DEFINE_enum("reproduce", None, ["cpu", "tiny"], "Train and analyse the papers' experiments.")
+_REPORT = flags.DEFINE_string("report", None, "Report folder for --reproduce (default: reports/<scale>).")
 _COMPARE = flags.DEFINE_string("compare", None, "Directory for figures comparing the runs (several --workdir).")
 
 
@@ -49,6 +52,14 @@ def main(argv):
     if _LIST.value:
         for name, analysis in sorted(load_all().items()):
             print(f"{name}: {analysis.doc.splitlines()[0] if analysis.doc else ''}")
+        return
+    if _REPRODUCE.value:
+        from configs import reproduce as plans
+        from sme.reproduce import run_plan
+
+        out_dir = _REPORT.value or f"reports/{_REPRODUCE.value}"
+        report = run_plan(plans.get_plan(_REPRODUCE.value), out_dir)
+        print(f"report in {out_dir}/report.md ({report['seconds']:.0f} s)")
         return
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required")

@@ -100,6 +100,7 @@ def analyse_run(workdir: str, request: Request) -> dict:
     steps = select_steps(sorted(checkpoints), request.steps, workdir)
     summary_path = os.path.join(workdir, "analysis", "summary.json")
     summary = io.read_json(summary_path) if os.path.exists(summary_path) else {}
+    summary.pop("failures", None)  # failures are reported per invocation
     failures = []
     for step in steps:
         todo = [n for n in request.names if request.overwrite or not os.path.exists(_artifact(workdir, n, step))]
