@@ -1,0 +1,456 @@
+"""Curvature analyses: Hessian spectrum, spectral density, Gauss-Newton and Fisher (SCIENCE.md §5-6).
+
+Registered analyses (settings: the module-level ``*_DEFAULTS`` dicts; missing
+settings are filled in, unknown ones are an error; the filled settings are
+saved as the JSON string ``settings``). S is the first ``num_examples``
+training examples (0: all); operators sum over S in chunks of ``chunk_size``
+examples (0: all at once), so memory is bounded by one chunk.
+
+Which Hessian (``loss_kind``, `sme.hessian.LOSS_KINDS`); ``auto`` resolves to
+R_S without dropout, else the closed-form L_S = R_S + R_1 (MSE, last-layer
+dropout), else exact enumeration up to ``max_enumerated_units`` droppable
+units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
+``modified_mc`` and ``fixed_mask``, in the run's mask mode) come from
+``sample_masks(sites, key=fold_in(key, 0), batch_shape=(K,) | (K, n) | () | (n,))``.
+
+* ``hessian`` — top-k and bottom-k eigenpairs from ONE Lanczos run (start vector
+  ``normal(fold_in(key, 1))``, ``order`` steps, clipped to P), each with its true
+  residual; Tr H by Hutchinson (``num_probes``, ``fold_in(key, 2)``) and by
+  Hutch++ (``hutchpp_sketch`` + ``num_probes``, ``fold_in(key, 3)``).
+  Keys: ``loss_kind``, ``loss_label`` (strings), ``loss_value``, ``num_params``,
+  ``num_examples``, ``order``, ``top_values``/``top_residuals`` (top_k,) largest
+  first, ``bottom_values``/``bottom_residuals`` (bottom_k,) smallest first,
+  ``ritz_values`` (order,) ascending, ``lanczos_alphas`` (order,),
+  ``lanczos_betas`` (order - 1,), ``trace_hutchinson``, ``trace_hutchinson_se``,
+  ``trace_hutchpp``, ``trace_hutchpp_se`` (NaN when hutchpp_sketch = 0),
+  ``top_vectors`` (top_k, P) when ``save_vectors``, ``settings``.
+
+* ``hessian_density`` — stochastic Lanczos quadrature: ``num_probes`` Rademacher
+  starts (``fold_in(key, 1)``) of ``order`` steps, raw nodes and weights, and
+  the density smoothed by a Gaussian of width sigma = ``sigma_rel`` x (node
+  range) on ``grid_size`` points spanning the nodes +- 5 sigma.
+  Keys: ``loss_kind``, ``loss_label``, ``num_params``, ``num_examples``,
+  ``nodes``/``weights`` (num_probes, order), ``grid``/``density`` (grid_size,),
+  ``sigma``, ``trace_slq`` (P x mean_probes sum_i w_i theta_i, an estimate of Tr H)
+  and ``trace_slq_se`` (its standard error over probes), ``settings``.
+
+* ``fisher`` — for the deterministic network f(x; 1) (as evaluated), the
+  empirical Fisher (1/n) sum g_i g_i^T, the true Fisher (softmax
+  J^T (diag pi - pi pi^T) J; Gaussian: J^T J) and the Gauss-Newton matrix: exact
+  traces (per-example gradients / Jacobians in chunks of ``trace_chunk_size``)
+  and top-k eigenvalues by Lanczos (``order`` steps, start ``normal(fold_in(key,
+  i))`` for the i-th kind); with R_1 when the closed form applies and its
+  Fisher-weighted quadratic form for last-layer dropout under any loss.
+  Keys, for each of ``kinds`` named ``empirical_fisher``, ``true_fisher``,
+  ``ggn``: ``<name>_trace``, ``<name>_eigenvalues``/``<name>_residuals``
+  (top_k,); and ``risk`` (R_S), ``keep_prob`` (of the readout input's site),
+  ``r1`` (NaN unless MSE with last-layer dropout), ``r1_quadratic``
+  (`sme.hessian.dropout_penalty_quadratic`, NaN unless last-layer-only
+  dropout), ``num_params``, ``num_examples``, ``settings``.
+
+Jitted functions are cached per (architecture, loss, mask mode, loss kind,
+settings), so all checkpoints of a run share one compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from sme import hessian as hs
+from sme import lanczos, losses
+from sme.analyses import Context, register
+from sme.dropout import num_droppable_units, sample_masks
+
+_LOSS_DEFAULTS = dict(
+    loss_kind="auto",  # auto | modified | modified_exact | modified_mc | risk | fixed_mask
+    num_masks=8,  # K frozen masks of modified_mc
+    max_enumerated_units=8,  # auto: exact L_S by enumerating 2**m masks up to m units
+    num_examples=0,  # S = first n training examples; 0 = all
+    chunk_size=0,  # examples per HVP chunk (bounds memory); 0 = all at once
+)
+HESSIAN_DEFAULTS = dict(
+    _LOSS_DEFAULTS,
+    order=80,  # Lanczos steps (one HVP each), clipped to P
+    top_k=10,  # largest eigenpairs
+    bottom_k=3,  # smallest eigenpairs from the same Lanczos run; 0 = none
+    num_probes=64,  # Hutchinson probes for Tr H (one HVP each)
+    hutchpp_sketch=16,  # Hutch++ sketch size (2 x sketch + num_probes HVPs); 0 = skip Hutch++
+    save_vectors=False,  # also save the (top_k, P) eigenvectors
+)
+DENSITY_DEFAULTS = dict(
+    _LOSS_DEFAULTS,
+    num_probes=8,  # SLQ starts (order HVPs each)
+    order=80,  # Lanczos steps per start, clipped to P
+    keep_basis=True,  # full reorthogonalisation (order x P memory); False: O(P), three-term recurrence
+    grid_size=1024,  # points of the smoothed density
+    sigma_rel=0.01,  # Gaussian kernel width / (largest - smallest node)
+)
+FISHER_DEFAULTS = dict(
+    num_examples=0,  # S = first n training examples; 0 = all
+    chunk_size=0,  # examples per matvec chunk; 0 = all at once
+    trace_chunk_size=32,  # examples per chunk of the exact traces (memory chunk x out_dim x P)
+    kinds="empirical,true,ggn",  # comma-separated subset of empirical, true, ggn
+    order=40,  # Lanczos steps per matrix, clipped to P
+    top_k=5,  # top eigenvalues per matrix
+)
+FISHER_NAMES = {"empirical": "empirical_fisher", "true": "true_fisher", "ggn": "ggn"}
+LOSS_KIND_CHOICES = ("auto", *hs.LOSS_KINDS)
+
+
+def _cast(name: str, key: str, value, default):
+    kind = type(default)
+    try:
+        if kind is bool:
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text in ("true", "1")
+        if kind is int:
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        return float(value) if kind is float else str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"analysis {name}: setting {key}={value!r} is not a {kind.__name__}") from None
+
+
+def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
+    """Defaults overridden by ``settings``; unknown keys or ill-typed values raise naming them."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
+    s = {k: _cast(name, k, settings.get(k, d), d) for k, d in defaults.items()}
+    if "loss_kind" in s and s["loss_kind"] not in LOSS_KIND_CHOICES:
+        raise ValueError(f"analysis {name}: loss_kind={s['loss_kind']!r}; expected one of {LOSS_KIND_CHOICES}")
+    for key in ("order", "num_probes", "grid_size", "top_k", "num_masks"):
+        if key in s and s[key] < 1:
+            raise ValueError(f"analysis {name}: {key}={s[key]} must be >= 1")
+    return s
+
+
+def resolve_loss_kind(kind: str, model, loss: str, max_units: int) -> str:
+    """The concrete loss kind for ``auto`` (see the module docstring); others pass through."""
+    if kind != "auto":
+        return kind
+    units = num_droppable_units(model.sites)
+    if units == 0:
+        return "risk"
+    try:
+        losses.check_closed_form(model, loss)
+        return "modified"
+    except ValueError:
+        return "modified_exact" if units <= max_units else "modified_mc"
+
+
+class _BySpec:
+    """A Model compared by (spec, sites): equal specs build equal functions, so checkpoints share compilations."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __hash__(self):
+        return hash((self.model.spec, self.model.sites))
+
+    def __eq__(self, other):
+        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
+
+
+def _dtype(params):
+    return jnp.result_type(*jax.tree_util.tree_leaves(params))
+
+
+def _train_data(ctx: Context, num_examples: int, dtype):
+    n = num_examples or ctx.dataset.num_train
+    if not 1 <= n <= ctx.dataset.num_train:
+        raise ValueError(f"num_examples={num_examples} must be in [1, {ctx.dataset.num_train}] (0 = all)")
+    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
+
+
+def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype):
+    """The frozen masks of `kind` (None when it needs none): see the module docstring."""
+    per_sample = ctx.mask_mode == "per_sample"
+    if kind == "modified_mc":
+        shape = (s["num_masks"], n) if per_sample else (s["num_masks"],)
+    elif kind == "fixed_mask":
+        shape = (n,) if per_sample else ()
+    else:
+        return None
+    return sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 0), batch_shape=shape, dtype=dtype)
+
+
+def _setup(ctx: Context, s: dict, key):
+    """(resolved kind, x, y, masks, P) shared by the Hessian analyses."""
+    kind = resolve_loss_kind(s["loss_kind"], ctx.model, ctx.loss, s["max_enumerated_units"])
+    dtype = _dtype(ctx.params)
+    x, y = _train_data(ctx, s["num_examples"], dtype)
+    return kind, x, y, _masks(ctx, kind, s, x.shape[0], key, dtype), ravel_pytree(ctx.params)[0].shape[0]
+
+
+def _frozen(s: dict):
+    return tuple(sorted(s.items()))
+
+
+# ----------------------------------------------------------------------------- hessian
+
+
+@functools.lru_cache(maxsize=16)
+def _hessian_fn(by_spec: _BySpec, loss: str, mode: str, kind: str, frozen, order: int):
+    s, model = dict(frozen), by_spec.model
+
+    def run(params, x, y, masks, key):
+        hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
+        matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
+        dtype = ravel_pytree(params)[0].dtype
+        v0 = jax.random.normal(jax.random.fold_in(key, 1), (dim,), dtype)
+        alphas, betas, basis = lanczos.tridiagonalize(matvec, v0, order=order)
+        top = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["top_k"], which="largest")
+        out = dict(top_values=top.values, top_residuals=top.residuals, lanczos_alphas=alphas,
+                   lanczos_betas=betas, ritz_values=lanczos.tridiagonal_eigh(alphas, betas)[0],
+                   loss_value=hs.loss_value(hloss, params, x, y, chunk_size=s["chunk_size"]))
+        if s["save_vectors"]:
+            out["top_vectors"] = top.vectors
+        if s["bottom_k"]:
+            bottom = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["bottom_k"], which="smallest")
+            out.update(bottom_values=bottom.values, bottom_residuals=bottom.residuals)
+        out["trace_hutchinson"], out["trace_hutchinson_se"] = lanczos.hutchinson_trace(
+            matvec, dim, key=jax.random.fold_in(key, 2), num_probes=s["num_probes"], dtype=dtype)
+        if s["hutchpp_sketch"]:
+            out["trace_hutchpp"], out["trace_hutchpp_se"] = lanczos.hutchpp_trace(
+                matvec, dim, key=jax.random.fold_in(key, 3), sketch_size=min(s["hutchpp_sketch"], dim),
+                num_probes=s["num_probes"], dtype=dtype)
+        return out
+
+    return jax.jit(run)
+
+
+def hessian(ctx: Context, *, key) -> dict:
+    """Top/bottom Hessian eigenpairs with residuals, and Tr H by Hutchinson and Hutch++."""
+    s = fill_settings("hessian", ctx.settings, HESSIAN_DEFAULTS)
+    kind, x, y, masks, dim = _setup(ctx, s, key)
+    order = min(s["order"], dim)
+    if s["top_k"] > order or s["bottom_k"] > order or s["bottom_k"] < 0:
+        raise ValueError(f"hessian: top_k={s['top_k']} and bottom_k={s['bottom_k']} must be in [0, order={order}]")
+    fn = _hessian_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    out = {k: np.asarray(v) for k, v in fn(ctx.params, x, y, masks, key).items()}
+    empty = np.zeros((0,), np.float64)
+    out.setdefault("bottom_values", empty)
+    out.setdefault("bottom_residuals", empty)
+    out.setdefault("trace_hutchpp", np.nan)
+    out.setdefault("trace_hutchpp_se", np.nan)
+    out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
+               order=order, settings=json.dumps(s, sort_keys=True))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- density
+
+
+@functools.lru_cache(maxsize=16)
+def _density_fn(by_spec: _BySpec, loss: str, mode: str, kind: str, frozen, order: int):
+    s, model = dict(frozen), by_spec.model
+
+    def run(params, x, y, masks, key):
+        hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
+        matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
+        nodes, weights = lanczos.slq_density(matvec, dim, key=jax.random.fold_in(key, 1), num_probes=s["num_probes"],
+                                             order=order, keep_basis=s["keep_basis"],
+                                             dtype=ravel_pytree(params)[0].dtype)
+        return nodes, weights
+
+    return jax.jit(run)
+
+
+def hessian_density(ctx: Context, *, key) -> dict:
+    """Hessian spectral density by stochastic Lanczos quadrature: raw nodes/weights and a smoothed density."""
+    s = fill_settings("hessian_density", ctx.settings, DENSITY_DEFAULTS)
+    kind, x, y, masks, dim = _setup(ctx, s, key)
+    order = min(s["order"], dim)
+    fn = _density_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    nodes, weights = (np.asarray(a, np.float64) for a in fn(ctx.params, x, y, masks, key))
+    low, high = float(nodes.min()), float(nodes.max())
+    sigma = s["sigma_rel"] * max(high - low, 1e-12 * max(abs(high), 1.0))
+    grid = np.linspace(low - 5 * sigma, high + 5 * sigma, s["grid_size"])
+    density = np.asarray(lanczos.smooth_density(nodes, weights, grid, sigma))
+    per_probe = dim * np.sum(nodes * weights, axis=1)  # each probe's estimate of Tr H
+    se = np.std(per_probe, ddof=1) / math.sqrt(len(per_probe)) if len(per_probe) > 1 else np.nan
+    return {k: np.asarray(v) for k, v in dict(
+        nodes=nodes, weights=weights, grid=grid, density=density, sigma=sigma, trace_slq=per_probe.mean(),
+        trace_slq_se=se, loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim,
+        num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True)).items()}
+
+
+# ----------------------------------------------------------------------------- fisher
+
+
+def _fisher_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in hs.FISHER_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"analysis fisher: kinds={text!r}; expected a comma-separated subset of {hs.FISHER_KINDS}")
+    return kinds
+
+
+@functools.lru_cache(maxsize=16)
+def _fisher_fn(by_spec: _BySpec, loss: str, frozen, order: int):
+    s, model = dict(frozen), by_spec.model
+    closed_form = loss == "mse" and model.only_last_layer_dropout
+
+    def run(params, x, y, key):
+        hloss = hs.make_hessian_loss("risk", model, loss)
+        dim = ravel_pytree(params)[0].shape[0]
+        out = dict(risk=hs.loss_value(hloss, params, x, y, chunk_size=s["chunk_size"]))
+        for i, kind in enumerate(_fisher_kinds(s["kinds"])):
+            name = FISHER_NAMES[kind]
+            matvec, _ = hs.make_fisher(kind, hloss, params, x, y, chunk_size=s["chunk_size"])
+            pairs = lanczos.top_eigenpairs(matvec, dim, key=jax.random.fold_in(key, i), k=s["top_k"], order=order,
+                                           dtype=ravel_pytree(params)[0].dtype)
+            out[f"{name}_eigenvalues"], out[f"{name}_residuals"] = pairs.values, pairs.residuals
+            out[f"{name}_trace"] = hs.fisher_trace(kind, hloss, params, x, y, chunk_size=s["trace_chunk_size"])
+        if model.only_last_layer_dropout:
+            out["r1_quadratic"] = hs.dropout_penalty_quadratic(model, loss, params, x, y)
+        if closed_form:
+            out["r1"] = losses.r1(model, params, x)
+        return out
+
+    return jax.jit(run)
+
+
+def fisher(ctx: Context, *, key) -> dict:
+    """Traces and top eigenvalues of the empirical Fisher, true Fisher and Gauss-Newton matrix; R_1."""
+    s = fill_settings("fisher", ctx.settings, FISHER_DEFAULTS)
+    _fisher_kinds(s["kinds"])
+    x, y = _train_data(ctx, s["num_examples"], _dtype(ctx.params))
+    dim = ravel_pytree(ctx.params)[0].shape[0]
+    order = min(s["order"], dim)
+    if s["top_k"] > order:
+        raise ValueError(f"fisher: top_k={s['top_k']} must be <= order={order}")
+    fn = _fisher_fn(_BySpec(ctx.model), ctx.loss, _frozen(s), order)
+    out = {k: np.asarray(v) for k, v in fn(ctx.params, x, y, key).items()}
+    out.setdefault("r1", np.nan)
+    out.setdefault("r1_quadratic", np.nan)
+    out.update(keep_prob=ctx.model.sites[-1].keep_prob if ctx.model.sites else 1.0, num_params=dim,
+               num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _load_steps(directory: str, steps) -> list[tuple[int, dict]]:
+    out = []
+    for step in sorted(int(s) for s in steps):
+        paths = glob.glob(os.path.join(directory, f"step_{step:09d}.npz"))
+        if paths:
+            with np.load(paths[0], allow_pickle=False) as f:
+                out.append((step, {k: f[k] for k in f.files}))
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _step_axis(ax, xs):
+    ax.set_xlabel("training step N")
+    if len(xs) and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+
+
+def plot_hessian(directory: str, steps) -> list[str]:
+    """Top (and bottom) eigenvalues and Tr H against the training step."""
+    loaded = _load_steps(directory, steps)
+    if not loaded:
+        return []
+    plt = _pyplot()
+    xs = [step for step, _ in loaded]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    top = np.array([a["top_values"] for _, a in loaded])
+    colors = plt.cm.viridis(np.linspace(0, 1, top.shape[1]))
+    for i in range(top.shape[1]):
+        axes[0].plot(xs, top[:, i], "o-", ms=3, color=colors[i], label=f"λ_{i + 1}" if i < 3 else None)
+    bottom = np.array([a["bottom_values"] for _, a in loaded])
+    for i in range(bottom.shape[1]):
+        axes[0].plot(xs, bottom[:, i], "x--", ms=3, color="grey", label="smallest" if i == 0 else None)
+    axes[0].set(ylabel="eigenvalue", title=f"Hessian of {loaded[0][1]['loss_label']}")
+    axes[0].legend(fontsize=7)
+    _step_axis(axes[0], xs)
+    for key, marker in (("hutchinson", "o"), ("hutchpp", "s")):
+        t, se = np.array([a[f"trace_{key}"] for _, a in loaded]), np.array([a[f"trace_{key}_se"] for _, a in loaded])
+        if np.all(np.isfinite(t)):
+            axes[1].errorbar(xs, t, yerr=2 * se, fmt=marker + "-", ms=3, capsize=2, label=f"{key} ±2 se")
+    axes[1].set(ylabel="Tr H", title="Hessian trace")
+    axes[1].legend(fontsize=7)
+    _step_axis(axes[1], xs)
+    return [_save(fig, plt, directory, "hessian.png")]
+
+
+def plot_hessian_density(directory: str, steps) -> list[str]:
+    """Smoothed SLQ densities at up to 8 of the analysed steps (evenly chosen), log scale."""
+    loaded = _load_steps(directory, steps)
+    if not loaded:
+        return []
+    if len(loaded) > 8:
+        loaded = [loaded[i] for i in np.unique(np.linspace(0, len(loaded) - 1, 8).round().astype(int))]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(loaded)))
+    floor = 1e-12
+    for (step, a), color in zip(loaded, colors):
+        ax.semilogy(a["grid"], np.maximum(a["density"], floor), color=color, label=f"step {step}")
+    ax.set(xlabel="eigenvalue λ", ylabel="density (smoothed SLQ)", ylim=(floor * 1e3, None),
+           title=f"Hessian spectral density of {loaded[0][1]['loss_label']}")
+    ax.legend(fontsize=7)
+    return [_save(fig, plt, directory, "hessian_density.png")]
+
+
+def plot_fisher(directory: str, steps) -> list[str]:
+    """Fisher / GGN traces and top eigenvalues against the step, with R_1 and its quadratic form."""
+    loaded = _load_steps(directory, steps)
+    if not loaded:
+        return []
+    plt = _pyplot()
+    xs = [step for step, _ in loaded]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in FISHER_NAMES.values():
+        if f"{name}_trace" in loaded[0][1]:
+            axes[0].plot(xs, [float(a[f"{name}_trace"]) for _, a in loaded], "o-", ms=3, label=f"Tr {name}")
+            axes[1].plot(xs, [float(a[f"{name}_eigenvalues"][0]) for _, a in loaded], "o-", ms=3,
+                         label=f"λ_max {name}")
+    for key, style in (("r1", "k--"), ("r1_quadratic", "k:")):
+        values = np.array([float(a[key]) for _, a in loaded])
+        if np.any(np.isfinite(values)):
+            axes[0].plot(xs, values, style, label=key)
+    p = float(loaded[0][1]["keep_prob"])
+    axes[0].set(ylabel="trace / penalty", yscale="log", title=f"Fisher traces and R_1 (keep_prob {p:g})")
+    axes[1].set(ylabel="top eigenvalue", yscale="log", title="largest eigenvalues")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        _step_axis(ax, xs)
+    return [_save(fig, plt, directory, "fisher.png")]
+
+
+register("hessian", plot_fn=plot_hessian)(hessian)
+register("hessian_density", plot_fn=plot_hessian_density)(hessian_density)
+register("fisher", plot_fn=plot_fisher)(fisher)

@@ -1,0 +1,184 @@
+"""The curvature analyses (hessian, hessian_density, fisher) on hand-built Contexts.
+
+References are dense matrices from jax.hessian / jax.jacobian of the `sme.losses`
+functions; with P = 32 <= order the Lanczos runs span the whole space, so Ritz
+values are exact up to rounding (float64: 1e-9 is generous).
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from sme import losses
+from sme.analyses import REGISTRY, Context
+from sme.analyses import curvature as cu
+from sme.data import Dataset
+from sme.dropout import sample_masks
+from sme.models import make_model
+
+
+def _model(keep_prob=0.7):
+    return make_model("mlp", in_dim=3, hidden=(5,), out_dim=2, activation="tanh", keep_prob=keep_prob)
+
+
+@functools.lru_cache(maxsize=None)
+def _params(seed, dtype):  # shapes do not depend on keep_prob; one compilation for all contexts
+    return jax.jit(_model().init, static_argnums=1)(jax.random.key(seed), dtype)
+
+
+def _context(*, loss="mse", keep_prob=0.7, settings=None, dtype=jnp.float32, seed=0, **overrides):
+    model = _model(keep_prob)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3)).astype(np.float32)
+    if loss == "cross_entropy":
+        y = np.eye(2, dtype=np.float32)[(x[:, 0] > 0).astype(int)]
+    else:
+        y = (np.tanh(x[:, :2]) + 0.3).astype(np.float32)
+    fields = dict(model=model, dataset=Dataset(x, y, x, y, 0, "toy"), loss=loss, mask_mode="shared", lr=0.1,
+                  params=_params(seed, jnp.dtype(dtype)), step=0, seed=0,
+                  replica=0, settings=settings or {}, run_config={})
+    fields.update(overrides)
+    return Context(**fields)
+
+
+def _dense(fn, params):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(lambda f: jax.hessian(lambda g: fn(unravel(g)))(f))(flat))
+
+
+def test_registered_with_plots():
+    for name in ("hessian", "hessian_density", "fisher"):
+        assert REGISTRY[name].plot_fn is not None and REGISTRY[name].doc
+
+
+def _plot(tmp_path, name, out, step=7):
+    """Write one artifact as the runner does and plot it: the plot reads the documented keys."""
+    directory = tmp_path / name
+    os.makedirs(directory)
+    np.savez(directory / f"step_{step:09d}.npz", **out)
+    paths = REGISTRY[name].plot_fn(str(directory), [step])
+    assert len(paths) == 1
+    with open(paths[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hessian_analysis_matches_dense_eigh_and_traces(tmp_path):
+    with jax.enable_x64(True):
+        ctx = _context(dtype=jnp.float64)
+        out = cu.hessian(ctx, key=jax.random.key(1))
+        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+        dense = _dense(lambda p: losses.modified_loss(ctx.model, "mse", p, x, y), ctx.params)
+        exact = np.linalg.eigvalsh(dense)
+        value = float(losses.modified_loss(ctx.model, "mse", ctx.params, x, y))
+    assert str(out["loss_kind"]) == "modified" and "closed form" in str(out["loss_label"])
+    assert int(out["num_params"]) == 32 and int(out["order"]) == 32 and int(out["num_examples"]) == 20
+    np.testing.assert_allclose(out["top_values"], exact[::-1][:10], atol=1e-9)
+    np.testing.assert_allclose(out["bottom_values"], exact[:3], atol=1e-9)
+    np.testing.assert_allclose(out["ritz_values"], exact, atol=1e-9)
+    assert np.all(out["top_residuals"] < 1e-7) and np.all(out["bottom_residuals"] < 1e-7)
+    np.testing.assert_allclose(out["loss_value"], value, rtol=1e-12)
+    # Unbiased estimators, fixed key: |error| < 4 se fails with probability 6e-5 (CLT).
+    for name in ("hutchinson", "hutchpp"):
+        assert abs(float(out[f"trace_{name}"]) - np.trace(dense)) < 4 * float(out[f"trace_{name}_se"])
+    assert json.loads(str(out["settings"])) == cu.HESSIAN_DEFAULTS
+    _plot(tmp_path, "hessian", out)
+
+
+def test_hessian_analysis_monte_carlo_per_sample_uses_the_documented_masks():
+    settings = dict(loss_kind="modified_mc", num_masks=3, top_k=3, bottom_k=0, num_probes=2, hutchpp_sketch=0)
+    with jax.enable_x64(True):
+        ctx = _context(dtype=jnp.float64, mask_mode="per_sample", settings=settings)
+        key = jax.random.key(4)
+        out = cu.hessian(ctx, key=key)
+        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+        masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 0), batch_shape=(3, 20), dtype=jnp.float64)
+        dense = _dense(lambda p: losses.modified_loss_mc(ctx.model, "mse", p, x, y, masks, mode="per_sample"),
+                       ctx.params)
+    assert str(out["loss_kind"]) == "modified_mc"
+    np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], atol=1e-9)
+    assert out["bottom_values"].shape == (0,) and np.isnan(out["trace_hutchpp"])
+
+
+def test_density_analysis_integrates_to_one_and_estimates_the_trace(tmp_path):
+    with jax.enable_x64(True):
+        ctx = _context(dtype=jnp.float64, settings=dict(num_probes=6))
+        out = cu.hessian_density(ctx, key=jax.random.key(2))
+        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+        exact = np.linalg.eigvalsh(_dense(lambda p: losses.modified_loss(ctx.model, "mse", p, x, y), ctx.params))
+    assert out["nodes"].shape == out["weights"].shape == (6, 32)
+    np.testing.assert_allclose(out["weights"].sum(1), 1.0, atol=1e-12)
+    # order = P: every probe's nodes are H's eigenvalues (the Krylov space is the whole space)
+    assert np.all(np.min(np.abs(out["nodes"][..., None] - exact), axis=-1) < 1e-9)
+    # The grid spans the nodes +- 5 sigma: the Gaussian tails outside are < 3e-7 of the mass.
+    assert np.trapezoid(out["density"], out["grid"]) == pytest.approx(1.0, abs=1e-3)
+    assert float(out["sigma"]) == pytest.approx(0.01 * (out["nodes"].max() - out["nodes"].min()))
+    assert abs(float(out["trace_slq"]) - exact.sum()) < 4 * float(out["trace_slq_se"])  # unbiased (Hutchinson)
+    _plot(tmp_path, "hessian_density", out)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_fisher_analysis_matches_dense_definitions(loss, tmp_path):
+    with jax.enable_x64(True):
+        ctx = _context(dtype=jnp.float64, loss=loss)
+        out = cu.fisher(ctx, key=jax.random.key(3))
+        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+        flat, unravel = ravel_pytree(ctx.params)
+        ones = tuple(jnp.ones(s.shape, jnp.float64) for s in ctx.model.sites)
+        f = lambda q, xi: ctx.model.apply(unravel(q), xi, ones)
+        loss_of = losses.loss_fn(loss)
+        grads, jac, hess_out = jax.jit(lambda q: (
+            jax.vmap(lambda xi, yi: jax.grad(lambda r: loss_of(f(r, xi), yi))(q))(x, y),
+            jax.vmap(lambda xi: jax.jacobian(f)(q, xi))(x),
+            jax.vmap(lambda xi, yi: jax.hessian(lambda o: loss_of(o, yi))(f(q, xi)))(x, y)))(flat)
+        r1 = float(losses.r1(ctx.model, ctx.params, x))
+    n = x.shape[0]
+    matrices = {"empirical_fisher": np.asarray(grads).T @ np.asarray(grads) / n,
+                "ggn": np.einsum("iap,iab,ibq->pq", jac, hess_out, jac) / n}
+    matrices["true_fisher"] = matrices["ggn"]  # one-hot / Gaussian targets: the true Fisher is the GGN
+    for name, dense in matrices.items():
+        lam = np.linalg.eigvalsh(dense)
+        np.testing.assert_allclose(out[f"{name}_trace"], np.trace(dense), rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(out[f"{name}_eigenvalues"], lam[::-1][:5], atol=1e-9, err_msg=name)
+        assert np.all(out[f"{name}_residuals"] < 1e-7)
+    assert float(out["keep_prob"]) == pytest.approx(0.7)
+    if loss == "mse":
+        assert float(out["r1"]) == pytest.approx(r1, rel=1e-12)
+        assert float(out["r1_quadratic"]) == pytest.approx(r1, rel=1e-12)  # exact for MSE
+    else:
+        assert np.isnan(out["r1"]) and 0 < float(out["r1_quadratic"]) < np.inf
+    _plot(tmp_path, "fisher", out)
+
+
+def test_checkpoints_share_one_compilation():
+    settings = dict(order=12, top_k=3, bottom_k=1, num_probes=4, hutchpp_sketch=2)
+    for step in (0, 50):
+        ctx = _context(seed=step, step=step, settings=settings)
+        out = cu.hessian(ctx, key=jax.random.key(step))
+        assert out["top_values"].shape == (3,) and np.all(np.isfinite(out["top_values"]))
+    filled = cu.fill_settings("hessian", settings, cu.HESSIAN_DEFAULTS)
+    jitted = cu._hessian_fn(cu._BySpec(ctx.model), "mse", "shared", "modified", cu._frozen(filled), 12)
+    assert jitted._cache_size() == 1  # two checkpoints, one trace and compilation
+
+
+def test_bad_settings_are_named():
+    ctx = _context
+    with pytest.raises(ValueError, match="unknown settings"):
+        cu.hessian(ctx(settings=dict(k=3)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="loss_kind"):
+        cu.hessian(ctx(settings=dict(loss_kind="hess")), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="top_k=40"):
+        cu.hessian(ctx(settings=dict(top_k=40)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="kinds"):
+        cu.fisher(ctx(settings=dict(kinds="ggn,hessian")), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="num_examples=50"):
+        cu.hessian_density(ctx(settings=dict(num_examples=50)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="is not a int"):
+        cu.hessian(ctx(settings=dict(order="many")), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="closed-form"):
+        cu.hessian(ctx(loss="cross_entropy", settings=dict(loss_kind="modified")), key=jax.random.key(0))
