@@ -1,0 +1,423 @@
+"""Noise analyses: the dropout covariance Sigma and its relation to the Hessian (SCIENCE.md §3, §6).
+
+Registered analyses (settings: module-level ``*_DEFAULTS``; missing ones are
+filled, unknown ones are an error; the filled settings are returned as the JSON
+string ``settings``). S is the first ``num_examples`` training examples (0: all).
+
+* ``covariance`` — at the checkpoint theta:
+  Sigma_K = G_c^T G_c / (K - 1) from K = ``num_masks`` full-batch mask gradients
+  in the run's mask mode (masks from ``split(fold_in(key, 0), K)``); the SGD
+  noise of the deterministic net, Cov_i(grad l_i) over ``sgd_examples`` examples
+  (0 or >= n: all of S, population covariance; else a random subset from
+  ``fold_in(key, 1)``, divided by n' - 1), from the per-sample Gram matrix
+  (`sme.grads.per_sample_gram`, no per-sample gradients for MLPs); and the
+  decomposition of minibatch dropout SGD's noise (`sme.covariance.Components`):
+  the B = 1 traces of data A, mask M and interaction C estimated from
+  ``decomposition_masks`` shared masks (``fold_in(key, 2)``) on a random subset
+  of ``decomposition_examples`` examples (``fold_in(key, 3)``; 0: all) corrected
+  to the population S, then scaled for batches of B = ``batch_size`` (-1: the
+  run's train.batch_size, where 0 means full batch) drawn without replacement
+  in the run's mask mode.
+
+  Keys: ``sigma_eigenvalues`` (top_k,), ``sigma_trace``, ``sigma_frobenius``,
+  ``sigma_effective_rank`` ((Tr)² / ||.||_F²), ``grad_norm`` (||mean_k g_k||,
+  estimating ||grad L_S||), ``sgd_eigenvalues`` (top_k,), ``sgd_trace``,
+  ``sgd_frobenius``, ``component_traces`` (3,) = Tr (A, M, C),
+  ``minibatch_traces`` (4,) = Tr (data, mask, interaction, total) for batch B,
+  ``batch_size``, ``num_masks``, ``mask_mode``, ``settings``.
+
+* ``alignment`` — alpha(H, Sigma) = Tr(H Sigma) / (||H||_F ||Sigma||_F) with its
+  Haar and Wishart null models, for the dropout noise (Sigma_K as above) and the
+  SGD noise (per-sample gradients of ``sgd_examples`` random examples, divided
+  by n' - 1); and the projected variance u_i^T Sigma u_i against the top-k
+  Hessian eigenvalues with the log-log slope (bootstrap interval). H is the
+  Hessian (`sme.hessian.make_hessian_loss`, HVPs over S in chunks of
+  ``hessian_chunk_size`` examples) of L_S: ``modified`` (closed form; MSE,
+  last-layer dropout), ``modified_exact`` (enumerated; <= ``max_enumerated_units``
+  droppable units), else ``modified_mc`` (``hessian_masks`` mask sets in the run's
+  mode, fixed from ``fold_in(key, 2)``); ``risk`` (R_S) without dropout. Dense
+  ``eigh`` when P <= ``dense_max_params``, else Lanczos
+  (`sme.lanczos.top_eigenpairs`, ``lanczos_order`` steps, key ``fold_in(key, 3)``)
+  with Tr H and ||H||_F by Hutchinson deflated by the top-k eigenvectors
+  (``num_probes``, key ``fold_in(key, 4)``). Tr(H Sigma) costs one HVP per mask
+  and per SGD example (``hvp_chunk_size`` at once).
+
+  Keys: ``hessian_eigenvalues``, ``hessian_residuals`` (top_k,), ``hessian_trace``,
+  ``hessian_trace_se``, ``hessian_frobenius``, ``hessian_frobenius_se``,
+  ``hessian_of`` (kind), ``hessian_label``, ``num_params``, and for noise in
+  (``dropout``, ``sgd``):
+  ``<noise>_alpha``, ``<noise>_tr_h_sigma``, ``<noise>_sigma_trace``,
+  ``<noise>_sigma_frobenius``, ``<noise>_null_haar_mean``/``_std``,
+  ``<noise>_null_wishart_mean``/``_std``, ``<noise>_projected_variance`` (top_k,),
+  ``<noise>_slope`` (log-log), ``<noise>_slope_intercept``, ``<noise>_slope_low``,
+  ``<noise>_slope_high``, ``<noise>_slope_points`` (NaN slopes when fewer than 3
+  positive pairs, e.g. without dropout).
+
+Jitted functions are cached per (architecture, loss, mask mode, settings), so
+the checkpoints of a run compile once.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from sme import covariance as cv
+from sme import grads, hessian, relations
+from sme.analyses import Context, register
+from sme.dropout import num_droppable_units, sample_masks
+
+COVARIANCE_DEFAULTS = dict(
+    num_masks=64,  # K mask gradients for Sigma_K
+    chunk_size=16,  # masks (or examples) vmapped at once
+    top_k=20,  # eigenvalues reported (<= num_masks)
+    num_examples=0,  # S = first n training examples; 0 = all
+    sgd_examples=0,  # examples of the SGD-noise Gram matrix; 0 = all of S
+    decomposition_masks=16,  # shared masks of the data/mask/interaction traces; 0 = skip
+    decomposition_examples=0,  # random examples they are estimated on; 0 = all of S
+    batch_size=-1,  # B of the minibatch decomposition; -1 = the run's train.batch_size
+)
+ALIGNMENT_DEFAULTS = dict(
+    num_masks=64,  # K mask gradients for Sigma_K (one HVP each)
+    chunk_size=16,  # gradients vmapped at once
+    hvp_chunk_size=1,  # HVPs vmapped at once (1 = one after another: fastest on CPU, memory-bound)
+    top_k=20,  # Hessian eigenpairs for the projected variance
+    num_examples=0,  # S = first n training examples; 0 = all
+    sgd_examples=128,  # random examples of the SGD noise (one HVP each)
+    hessian_masks=8,  # mask sets of the Monte Carlo L_S
+    hessian_chunk_size=0,  # examples per HVP chunk (bounds memory); 0 = all at once
+    max_enumerated_units=10,  # exact L_S by enumeration up to this many droppable units
+    dense_max_params=1500,  # dense Hessian eigh up to this many parameters
+    lanczos_order=60,  # Lanczos steps otherwise
+    num_probes=32,  # Hutchinson probes for Tr H and ||H||_F beyond the top-k basis
+    num_boot=2000,  # bootstrap resamples of the slope interval
+    level=0.95,  # confidence level of the slope interval
+)
+
+
+def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
+    """Defaults overridden by ``settings``; unknown keys raise naming the allowed ones."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
+    filled = dict(defaults, **settings)
+    for key, default in defaults.items():  # cast to the default's type (ConfigDict/JSON edges)
+        filled[key] = type(default)(filled[key])
+    return filled
+
+
+class _BySpec:
+    """A Model compared by (spec, sites): equal specs build equal functions, so checkpoints share compilations."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __hash__(self):
+        return hash((self.model.spec, self.model.sites))
+
+    def __eq__(self, other):
+        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
+
+
+def _train_data(ctx: Context, num_examples: int, dtype):
+    n = num_examples or ctx.dataset.num_train
+    if not 2 <= n <= ctx.dataset.num_train:
+        raise ValueError(f"num_examples={num_examples} must be in [2, {ctx.dataset.num_train}] (0 = all)")
+    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
+
+
+def _subset(key, n: int, size: int, what: str) -> np.ndarray:
+    """Sorted indices of a random subset of `size` of n examples (all of them for size 0 or >= n)."""
+    if size == 0 or size >= n:
+        return np.arange(n)
+    if not 2 <= size <= n:
+        raise ValueError(f"{what}={size} must be in [2, {n}] (0 = all)")
+    return np.sort(np.asarray(jax.random.permutation(key, n))[:size])
+
+
+def _dtype(params):
+    return jnp.result_type(*jax.tree_util.tree_leaves(params))
+
+
+def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
+    b = setting if setting >= 0 else int(ctx.run_config.get("train", {}).get("batch_size", 0))
+    return n if b == 0 else min(b, n)
+
+
+# ----------------------------------------------------------------------------- covariance
+
+
+@functools.lru_cache(maxsize=16)
+def _covariance_fn(by_spec: _BySpec, loss: str, mode: str, frozen):
+    s, model = dict(frozen), by_spec.model
+
+    def run(params, x, y, x_sgd, y_sgd, x_dec, y_dec, key):
+        g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
+                                         num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
+        cov = cv.mask_covariance(g)
+        k = s["num_masks"]
+        out = dict(sigma_eigenvalues=cv.gram_eigenvalues(cv.gram(cov), s["top_k"]),
+                   sigma_trace=cv.trace(cov), sigma_frobenius=cv.frobenius(cov),
+                   grad_norm=jnp.linalg.norm(jnp.full((k,), 1.0 / k, g.dtype) @ g))
+        ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
+        sgd = cv.centred_gram(grads.per_sample_gram(model, loss, params, x_sgd, y_sgd,
+                                                    chunk_size=s["chunk_size"]), ddof=ddof)
+        out.update(sgd_eigenvalues=cv.gram_eigenvalues(sgd, s["top_k"]), sgd_trace=jnp.trace(sgd),
+                   sgd_frobenius=jnp.linalg.norm(sgd))
+        if s["decomposition_masks"]:
+            masks = grads.draw_masks(model, key=jax.random.fold_in(key, 2), num_masks=s["decomposition_masks"],
+                                     mode="shared", num_examples=x_dec.shape[0], dtype=x.dtype)
+            traces, _ = cv.component_traces(model, loss, params, x_dec, y_dec, masks, chunk_size=s["chunk_size"])
+            out["component_traces"] = jnp.stack(cv.subset_corrected(
+                traces, subset_size=x_dec.shape[0], population=x.shape[0]))
+        return out
+
+    return jax.jit(run)
+
+
+def covariance(ctx: Context, *, key) -> dict:
+    """Spectrum, trace and Frobenius norm of Sigma_K and of the SGD noise; minibatch noise decomposition."""
+    s = fill_settings("covariance", ctx.settings, COVARIANCE_DEFAULTS)
+    if not 1 <= s["top_k"] <= s["num_masks"] or s["num_masks"] < 2:
+        raise ValueError(f"covariance: need 2 <= num_masks and 1 <= top_k <= num_masks, got {s}")
+    if s["decomposition_masks"] == 1:
+        raise ValueError("covariance: decomposition_masks must be 0 (skip) or >= 2")
+    x, y = _train_data(ctx, s["num_examples"], _dtype(ctx.params))
+    n = x.shape[0]
+    sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
+    dec_idx = _subset(jax.random.fold_in(key, 3), n, s["decomposition_examples"], "decomposition_examples")
+    if s["top_k"] > len(sgd_idx):
+        raise ValueError(f"covariance: top_k={s['top_k']} exceeds the {len(sgd_idx)} SGD examples")
+    fn = _covariance_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    out = {k: np.asarray(v, np.float64) for k, v in fn(
+        ctx.params, x, y, x[sgd_idx], y[sgd_idx], x[dec_idx], y[dec_idx], key).items()}
+    out["sigma_effective_rank"] = out["sigma_trace"] ** 2 / max(out["sigma_frobenius"] ** 2, 1e-300)
+    batch = _run_batch_size(ctx, s["batch_size"], n)
+    if "component_traces" in out:
+        factors = cv.minibatch_factors(batch_size=batch, num_examples=n, mode=ctx.mask_mode)
+        parts = np.asarray(factors) * out["component_traces"]
+        out["minibatch_traces"] = np.append(parts, parts.sum())
+    out.update(batch_size=np.asarray(batch), num_masks=np.asarray(s["num_masks"]),
+               mask_mode=np.asarray(ctx.mask_mode), settings=np.asarray(json.dumps(s, sort_keys=True)))
+    return out
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def _hessian_kind(model, loss: str, max_units: int) -> str:
+    """Which L_S the Hessian is of (a key of `sme.hessian.LOSS_KINDS`)."""
+    units = num_droppable_units(model.sites)
+    if units == 0:
+        return "risk"  # no dropout: L_S = R_S
+    if loss == "mse" and model.only_last_layer_dropout:
+        return "modified"
+    return "modified_exact" if units <= max_units else "modified_mc"
+
+
+def _noise_entries(hvp, cov, vectors, fro_h, chunk):
+    tr_hs = relations.trace_h_sigma(hvp, cov, chunk_size=chunk)
+    fro_s = cv.frobenius(cov)
+    return dict(tr_h_sigma=tr_hs, sigma_trace=cv.trace(cov), sigma_frobenius=fro_s,
+                alpha=relations.alignment(tr_hs, fro_h, fro_s),
+                projected_variance=relations.projected_variance(cov, vectors))
+
+
+@functools.lru_cache(maxsize=16)
+def _alignment_fn(by_spec: _BySpec, loss: str, mode: str, kind: str, dense_path: bool, frozen):
+    s, model = dict(frozen), by_spec.model
+
+    def run(params, x, y, hmasks, x_sgd, y_sgd, key):
+        hloss = hessian.make_hessian_loss(kind, model, loss, masks=hmasks, mode=mode)
+        hvp, dim = hessian.make_hvp(hloss, params, x, y, chunk_size=s["hessian_chunk_size"])
+        k = s["top_k"]
+        if dense_path:
+            h = hessian.to_dense(hvp, dim, dtype=x.dtype)
+            values, vectors = jnp.linalg.eigh((h + h.T) / 2)
+            values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k].T
+            residuals = jnp.linalg.norm(vectors @ h - values[:, None] * vectors, axis=1)
+            zero = jnp.zeros((), h.dtype)
+            norms = relations.HessianNorms(jnp.trace(h), zero, jnp.linalg.norm(h), zero)
+        else:
+            from sme.lanczos import top_eigenpairs  # the curvature module
+
+            pairs = top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, 3), k=k, order=s["lanczos_order"])
+            values, vectors, residuals = pairs.values, pairs.vectors, pairs.residuals
+            norms = relations.hessian_norms(hvp, dim, key=jax.random.fold_in(key, 4),
+                                            num_probes=s["num_probes"], basis=vectors)
+        g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
+                                         num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
+        sgd_rows = grads.per_sample_gradients(model, loss, params, x_sgd, y_sgd, chunk_size=s["chunk_size"])
+        ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
+        out = dict(hessian_eigenvalues=values, hessian_residuals=residuals, hessian_trace=norms.trace,
+                   hessian_trace_se=norms.trace_se, hessian_frobenius=norms.frobenius,
+                   hessian_frobenius_se=norms.frobenius_se)
+        for name, cov in (("dropout", cv.mask_covariance(g)), ("sgd", cv.from_samples(sgd_rows, ddof=ddof))):
+            entries = _noise_entries(hvp, cov, vectors, norms.frobenius, s["hvp_chunk_size"])
+            out.update({f"{name}_{k}": v for k, v in entries.items()})
+        return out
+
+    return jax.jit(run)
+
+
+def _fit_entries(prefix: str, eigenvalues, projected, s) -> dict:
+    try:
+        fit = relations.variance_relation(eigenvalues, projected, num_boot=s["num_boot"], level=s["level"])
+        values = (fit.slope, fit.intercept, fit.ci_low, fit.ci_high, fit.num_points)
+    except ValueError:  # fewer than 3 positive (lambda, variance) pairs, e.g. no dropout
+        values = (math.nan, math.nan, math.nan, math.nan, 0)
+    names = ("slope", "slope_intercept", "slope_low", "slope_high", "slope_points")
+    return {f"{prefix}_{name}": value for name, value in zip(names, values)}
+
+
+def alignment(ctx: Context, *, key) -> dict:
+    """alpha(H, Sigma) with Haar/Wishart nulls and projected variance vs Hessian eigenvalue, dropout and SGD."""
+    s = fill_settings("alignment", ctx.settings, ALIGNMENT_DEFAULTS)
+    x, y = _train_data(ctx, s["num_examples"], _dtype(ctx.params))
+    n = x.shape[0]
+    dim = ravel_pytree(ctx.params)[0].shape[0]
+    if not 1 <= s["top_k"] <= dim or s["num_masks"] < 2:
+        raise ValueError(f"alignment: need 1 <= top_k <= {dim} parameters and num_masks >= 2, got {s}")
+    kind = _hessian_kind(ctx.model, ctx.loss, s["max_enumerated_units"])
+    hmasks = None
+    if kind == "modified_mc":
+        shape = (s["hessian_masks"],) if ctx.mask_mode == "shared" else (s["hessian_masks"], n)
+        hmasks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 2), batch_shape=shape, dtype=x.dtype)
+    sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
+    fn = _alignment_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, dim <= s["dense_max_params"],
+                       tuple(sorted(s.items())))
+    out = {k: np.asarray(v, np.float64) for k, v in fn(
+        ctx.params, x, y, hmasks, x[sgd_idx], y[sgd_idx], key).items()}
+    for name, rank in (("dropout", s["num_masks"] - 1), ("sgd", len(sgd_idx) - 1)):
+        haar = relations.haar_null(out["hessian_trace"], out["hessian_frobenius"], out[f"{name}_sigma_trace"],
+                                   out[f"{name}_sigma_frobenius"], dim)
+        wishart = relations.wishart_null(out["hessian_trace"], out["hessian_frobenius"], dim, rank)
+        out.update({f"{name}_null_haar_mean": haar.mean, f"{name}_null_haar_std": haar.std,
+                    f"{name}_null_wishart_mean": wishart.mean, f"{name}_null_wishart_std": wishart.std})
+        out.update(_fit_entries(name, out["hessian_eigenvalues"], out[f"{name}_projected_variance"], s))
+    out.update(hessian_of=kind, hessian_label=hessian.LOSS_KINDS[kind], num_params=dim,
+               settings=json.dumps(s, sort_keys=True))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _load_steps(directory: str, steps) -> list[tuple[int, dict]]:
+    out = []
+    for step in sorted(int(s) for s in steps):
+        path = os.path.join(directory, f"step_{step:09d}.npz")
+        for candidate in [path, *glob.glob(os.path.join(directory, f"step_{step}.npz"))]:
+            if os.path.exists(candidate):
+                with np.load(candidate, allow_pickle=False) as f:
+                    out.append((step, {k: f[k] for k in f.files}))
+                break
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _step_axis(ax, steps) -> None:
+    """Log-spaced checkpoints (with step 0) read best on a symlog axis."""
+    steps = np.asarray(steps, np.float64)
+    if steps.max() > 20 * max(steps[steps > 0].min(initial=1.0), 1.0):
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0.0, right=steps.max() * 1.3)
+
+
+def plot_covariance(directory: str, steps) -> list[str]:
+    """Sigma and SGD spectra per checkpoint, and the traces (with the decomposition) against the step."""
+    loaded = _load_steps(directory, steps)
+    if not loaded:
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(loaded)))
+    for (step, a), color in zip(loaded, colors):
+        axes[0].semilogy(np.arange(1, a["sigma_eigenvalues"].size + 1), a["sigma_eigenvalues"], "o-",
+                         color=color, ms=3, label=f"step {step}")
+        axes[0].semilogy(np.arange(1, a["sgd_eigenvalues"].size + 1), a["sgd_eigenvalues"], "x--", color=color, ms=3)
+    axes[0].set(xlabel="index i", ylabel="eigenvalue", title="Sigma_K (o, dropout) and SGD noise (x)")
+    axes[0].legend(fontsize=7)
+    xs = [step for step, _ in loaded]
+    mode = str(loaded[0][1]["mask_mode"])
+    axes[1].plot(xs, [a["sigma_trace"] for _, a in loaded], "o-", label=f"Tr Sigma (dropout GD, {mode})")
+    axes[1].plot(xs, [a["sgd_trace"] for _, a in loaded], "x-", label="Tr SGD noise (B = 1, no dropout)")
+    if "minibatch_traces" in loaded[0][1]:
+        for i, part in enumerate(("data", "mask", "interaction", "total")):
+            axes[1].plot(xs, [a["minibatch_traces"][i] for _, a in loaded], ".--",
+                         label=f"minibatch {part} (B={int(loaded[0][1]['batch_size'])})")
+    axes[1].set(xlabel="training step N", ylabel="trace", yscale="log", title="noise traces")
+    _step_axis(axes[1], xs)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(directory, "covariance.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_alignment(directory: str, steps) -> list[str]:
+    """alpha vs training step with the Haar null band (mean ± 2 std); the projected-variance scatter."""
+    loaded = _load_steps(directory, steps)
+    if not loaded:
+        return []
+    plt, written = _pyplot(), []
+    xs = np.array([step for step, _ in loaded], np.float64)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, marker in (("dropout", "o"), ("sgd", "x")):
+        alpha = np.array([a[f"{name}_alpha"] for _, a in loaded])
+        mean = np.array([a[f"{name}_null_haar_mean"] for _, a in loaded])
+        std = np.array([a[f"{name}_null_haar_std"] for _, a in loaded])
+        line = ax.plot(xs, alpha, marker + "-", label=f"alpha(H, Sigma_{name})")[0]
+        ax.fill_between(xs, mean - 2 * std, mean + 2 * std, color=line.get_color(), alpha=0.2,
+                        label=f"Haar null ±2 std ({name})")
+    ax.set(xlabel="training step N", ylabel="alpha", title=f"alignment, H of {loaded[0][1]['hessian_label']}")
+    _step_axis(ax, xs)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(directory, "alignment.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    step, a = loaded[-1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lam = a["hessian_eigenvalues"]
+    for name, marker in (("dropout", "o"), ("sgd", "x")):
+        pv = a[f"{name}_projected_variance"]
+        keep = (lam > 0) & (pv > 0)
+        points = ax.loglog(lam[keep], pv[keep], marker, label=name)[0]
+        slope = float(a[f"{name}_slope"])
+        if np.isfinite(slope):
+            grid = np.geomspace(lam[keep].min(), lam[keep].max(), 50)
+            intercept = float(a[f"{name}_slope_intercept"])
+            ax.loglog(grid, np.exp(intercept) * grid**slope, "-", color=points.get_color(),
+                      label=f"slope {slope:.2f} [{float(a[f'{name}_slope_low']):.2f}, "
+                            f"{float(a[f'{name}_slope_high']):.2f}]")
+    ax.set(xlabel="Hessian eigenvalue lambda_i", ylabel="u_i^T Sigma u_i", title=f"projected variance, step {step}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(directory, "projected_variance.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+register("covariance", plot_fn=plot_covariance)(covariance)
+register("alignment", plot_fn=plot_alignment)(alignment)
