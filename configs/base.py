@@ -53,6 +53,33 @@ train.snapshot_start    first step of the trajectory-snapshot window (-1 = no sn
                     raveled parameters at snapshot_start + k * snapshot_every go to snapshots.npz.
 train.snapshot_every    steps between snapshots (>= 1).
 analysis.*          per-analysis settings used by analyze.py (see each analysis' docstring).
+sde.enabled         run the SME lockstep simulation (sme/sweep.py) instead of training: discrete
+                    full-batch dropout GD beside its SDEs, R replicas each. Needs optim.name=sgd,
+                    constant schedule, no weight decay, objective=dropout, train.batch_size=0.
+sde.variants        comma-separated subset of order1, order2, r2 (SME drifts) and svag.
+sde.diffusion       auto | closed_form (MSE, readout-only dropout) | exact (2**m masks) | masks (K).
+sde.loss_estimator  how L_S is computed in the drift: auto | closed_form | exact | masks.
+sde.num_masks       K masks per substep for the masks diffusion/estimator (>= 2; covariance / (K - 1)).
+sde.substeps        l Euler-Maruyama substeps per discrete step, h = eps / l (>= 1).
+sde.richardson      also run each SDE on the grid h = eps/(2l) fed the same Brownian path and report
+                    2 g(h/2) - g(h): removes Euler-Maruyama's O(h) weak error.
+sde.svag_substeps   l of dropout-SVAG(l) (>= 1).
+sde.r2_trace        grad Tr Sigma in the r2 drift: sample (unbiased one-sample estimate) | exact.
+sde.coupling        common random numbers: none | variants (SDE variants share noise) | quantile
+                    (also ties the SDE unit noise to the discrete masks; exact/closed_form diffusion).
+sde.num_replicas    R replicas of every process (>= 2, a multiple of sde.num_batches).
+sde.num_batches     B replica groups whose means feed the bootstrap (>= 2).
+sde.horizon         T in SME time t = N eps (>= 0; 0 = train.num_steps * optim.lr); T/eps must be
+                    an integer number of steps for every eps.
+sde.lr_grid         comma-separated eps values, e.g. "0.4,0.2,0.1"; "" = optim.lr.
+sde.keep_prob_grid  comma-separated p values in (0, 1); "" = model.keep_prob.
+sde.num_evals       logged times per run, evenly spaced over [0, T] (>= 1); the weak error is the
+                    max over these.
+sde.num_probes      test inputs whose outputs are test functions (>= 0).
+sde.eval_num_masks  masks of the Monte Carlo L_S test function when neither closed form nor
+                    enumeration applies (>= 2).
+sde.max_enumerated_units  largest m for exact enumeration (1..20).
+sde.num_boot        bootstrap draws of the weak-error intervals (>= 100).
 """
 
 from ml_collections import ConfigDict
@@ -84,4 +111,10 @@ def get_config() -> ConfigDict:
         snapshot_start=-1, snapshot_every=1))
 
     c.analysis = ConfigDict()
+
+    c.sde = ConfigDict(dict(
+        enabled=False, variants="order1,order2,r2,svag", diffusion="auto", loss_estimator="auto", num_masks=16,
+        substeps=1, richardson=False, svag_substeps=4, r2_trace="sample", coupling="variants", num_replicas=1000,
+        num_batches=100, horizon=0.0, lr_grid="", keep_prob_grid="", num_evals=20, num_probes=3,
+        eval_num_masks=256, max_enumerated_units=12, num_boot=1000))
     return c

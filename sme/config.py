@@ -159,6 +159,80 @@ def validate(cfg) -> None:
     parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)
     num_sites = len(m.hidden) + (len(m.channels) if m.name == "cnn" else 0)
     parse_dropout_layers(m.dropout_layers, num_sites)
+    validate_sde(c)
+
+
+SDE_VARIANTS = ("order1", "order2", "r2", "svag")
+SDE_DIFFUSIONS = ("auto", "closed_form", "exact", "masks")
+SDE_ESTIMATORS = ("auto", "closed_form", "exact", "masks")
+SDE_COUPLINGS = ("none", "variants", "quantile")
+SDE_TRACES = ("sample", "exact")
+
+
+def parse_float_list(spec: str, field: str) -> list[float]:
+    """'0.4,0.2' -> [0.4, 0.2]; '' -> []. Fails naming `field` on anything else."""
+    spec = str(spec).strip()
+    if not spec:
+        return []
+    try:
+        values = [float(s) for s in spec.split(",")]
+    except ValueError:
+        _fail(field, spec, "use comma-separated numbers like '0.4,0.2,0.1'")
+    _check(len(set(values)) == len(values), field, spec, "values must be distinct")
+    return values
+
+
+def sde_grids(cfg) -> tuple[list[float], list[float], float]:
+    """(learning rates, keep probabilities, horizon T) of the SME runs, defaults resolved."""
+    s = cfg.sde
+    lrs = parse_float_list(s.lr_grid, "sde.lr_grid") or [float(cfg.optim.lr)]
+    keep_probs = parse_float_list(s.keep_prob_grid, "sde.keep_prob_grid") or [float(cfg.model.keep_prob)]
+    horizon = float(s.horizon) or cfg.train.num_steps * float(cfg.optim.lr)
+    return lrs, keep_probs, horizon
+
+
+def validate_sde(c) -> None:
+    """Static checks of the sde block (model-dependent ones run in `sme.sweep` before any work)."""
+    if "sde" not in c:  # runs written before the block existed stay analysable
+        return
+    s = c.sde
+    variants = [v.strip() for v in str(s.variants).split(",") if v.strip()]
+    _check(bool(variants) and all(v in SDE_VARIANTS for v in variants) and len(set(variants)) == len(variants),
+           "sde.variants", s.variants, f"comma-separated distinct names from {SDE_VARIANTS}")
+    _check(s.diffusion in SDE_DIFFUSIONS, "sde.diffusion", s.diffusion, f"must be one of {SDE_DIFFUSIONS}")
+    _check(s.loss_estimator in SDE_ESTIMATORS, "sde.loss_estimator", s.loss_estimator,
+           f"must be one of {SDE_ESTIMATORS}")
+    _check(s.coupling in SDE_COUPLINGS, "sde.coupling", s.coupling, f"must be one of {SDE_COUPLINGS}")
+    _check(s.r2_trace in SDE_TRACES, "sde.r2_trace", s.r2_trace, f"must be one of {SDE_TRACES}")
+    if s.coupling == "quantile":
+        _check(s.diffusion != "masks", "sde.coupling", s.coupling,
+               "quantile coupling needs sde.diffusion = auto, closed_form or exact (not masks)")
+    for field, low in (("num_masks", 2), ("substeps", 1), ("svag_substeps", 1), ("num_replicas", 2),
+                       ("num_batches", 2), ("num_evals", 1), ("num_probes", 0), ("eval_num_masks", 2),
+                       ("num_boot", 100)):
+        _check(isinstance(s[field], int) and s[field] >= low, f"sde.{field}", s[field], f"must be an integer >= {low}")
+    _check(1 <= s.max_enumerated_units <= 20, "sde.max_enumerated_units", s.max_enumerated_units, "must be in [1, 20]")
+    _check(s.num_replicas % s.num_batches == 0, "sde.num_replicas", s.num_replicas,
+           f"must be a multiple of sde.num_batches={s.num_batches}")
+    _check(isinstance(s.richardson, bool), "sde.richardson", s.richardson, "must be True or False")
+    _check(s.horizon >= 0 and math.isfinite(s.horizon), "sde.horizon", s.horizon, "must be finite and >= 0")
+    if not s.enabled:
+        return
+    lrs, keep_probs, horizon = sde_grids(c)
+    for lr in lrs:
+        _check(lr > 0 and math.isfinite(lr), "sde.lr_grid", s.lr_grid, "every learning rate must be finite and > 0")
+        steps = horizon / lr
+        _check(round(steps) >= 1 and abs(steps - round(steps)) <= 1e-6 * steps, "sde.lr_grid", s.lr_grid,
+               f"horizon T={horizon:g} must be a whole number (>= 1) of steps of every eps (T/{lr:g} = {steps:g})")
+    for p in keep_probs:
+        _check(0.0 < p < 1.0, "sde.keep_prob_grid", s.keep_prob_grid,
+               "every keep probability must be in (0, 1): the SME needs dropout noise")
+    _check(c.optim.name == "sgd", "optim.name", c.optim.name, "sde.enabled compares with dropout GD: use sgd")
+    _check(c.optim.schedule == "constant", "optim.schedule", c.optim.schedule, "sde.enabled needs a constant lr")
+    _check(c.optim.weight_decay == 0, "optim.weight_decay", c.optim.weight_decay, "sde.enabled needs 0")
+    _check(c.objective == "dropout", "objective", c.objective, "sde.enabled simulates dropout GD: use 'dropout'")
+    _check(c.train.batch_size == 0, "train.batch_size", c.train.batch_size,
+           "sde.enabled simulates full-batch dropout GD: use 0")
 
 
 def data_spec(cfg) -> data_lib.DataSpec:

@@ -113,6 +113,10 @@ def run(cfg, workdir: str) -> dict:
       The last metrics record (means over replicas).
     """
     setup = config_lib.build(cfg)  # raises ConfigError before anything is written
+    if "sde" in cfg and cfg.sde.enabled:  # the SME lockstep simulation instead of training
+        from sme.sweep import run_sde
+
+        return run_sde(cfg, workdir, setup)
     _check_same_run(cfg, workdir)
     t = cfg.train
     dtype = jnp.dtype(t.dtype)

@@ -1,0 +1,347 @@
+"""Samples of the dropout SME's diffusion Sigma(theta)^{1/2} xi, never forming Sigma.
+
+Sigma(theta) = E_eta[(g_eta - grad L_S)(g_eta - grad L_S)^T], g_eta = grad R^drop_S(theta; eta)
+(arXiv 2305.15850 §3; SCIENCE.md §3). Every sampler returns s = sum_j w_j grad l_j(theta), a
+weighted gradient of mask losses l_j computed in ONE backward pass, with weights linear in a
+standard Gaussian noise xi, so that Cov_xi(s) is the target covariance:
+
+* ``masks`` (any model and loss): K masks eta_k drawn at the current theta and z ~ N(0, I_K);
+  s = sum_k (z_k - z_bar) g_k / sqrt(K - 1) = grad sum_k (z_k - z_bar) R^drop(theta; eta_k) / sqrt(K - 1).
+  Given the masks Cov(s) = Sigma_K = G_c^T G_c / (K - 1) exactly; over the masks E Sigma_K = Sigma.
+  Cost: K forward passes, one backward pass.
+* ``exact`` (tiny nets, m <= ~12 droppable units): all E = 2**m masks with probabilities P_e and
+  standardised unit noise u_e = (eta_e - 1) / sqrt((1 - p)/p) (m-vector). Split g into its linear
+  regression on u, B u with B = Cov(g, u) = sum_e P_e g_e u_e^T, and the residual r_e. Then
+  s = B zeta + sum_e sqrt(P_e) z_e r_e,  zeta ~ N(0, I_m), z ~ N(0, I_E),
+  has Cov(s) = B B^T + Cov(r) = Sigma exactly, and equals grad sum_e w_e R^drop(theta; eta_e) with
+  w_e = P_e (u_e.(zeta - v) - c) + sqrt(P_e) z_e, c = sum_e sqrt(P_e) z_e, v = sum_e sqrt(P_e) z_e u_e.
+  Cost: E forward passes, one backward pass.
+* ``closed_form`` (MSE with dropout only on the readout input, arXiv 2207.05952 Lemma 1: the same
+  condition as L_S = R_S + R_1): f(x; eta) = eta . phi(x) + b is linear in the mask, so g_eta is a
+  quadratic polynomial in delta = eta - 1, g - grad L_S = sum_k delta_k M_k + sum_{k<l} delta_k
+  delta_l S_kl, whose two parts are uncorrelated (delta_k^2 = v + beta delta_k for a two-point law,
+  v = (1 - p)/p, beta = (1 - 2p)/p). Hence s = sqrt(v) sum_k zeta_k M_k + v sum_{k<l} z_kl S_kl has
+  covariance exactly Sigma, and it is one VJP through phi. Cost: one gradient over the n examples,
+  noise dimension m + m(m - 1)/2, for any width m.
+
+Both exact forms put the unit noise zeta first: coupling zeta_k to the discrete step's mask
+(`coupled_normals`) couples the SDE's linear noise to the discrete noise without changing either law.
+
+``per_sample`` masks (one mask per example): Sigma = (1/n^2) sum_i Cov_eta(grad l_i), and every
+sampler above is applied per example with its own noise (a leading noise axis G = n instead of 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtri
+
+from sme.dropout import Site, check_mode, enumerate_masks, ones_masks, sample_masks
+from sme.losses import check_closed_form, loss_fn
+from sme.models import Model
+
+DIFFUSIONS = ("masks", "exact", "closed_form")
+# Enumeration beyond this many droppable units is refused (2**12 masks per gradient).
+MAX_ENUMERATED_UNITS = 12
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("x", "y"), meta_fields=("model", "loss", "mode"))
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """Full-batch dropout regression/classification: the model, its loss, the mask mode and the data.
+
+    A pytree whose leaves are ``x`` (n, d) and ``y`` (n, out), so jitted functions take it as an
+    argument (the data are traced, not baked into the program).
+    """
+
+    model: Model
+    loss: str
+    mode: str
+    x: jax.Array
+    y: jax.Array
+
+    @property
+    def num_examples(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        """Independent mask draws per step: 1 (shared) or n (per_sample)."""
+        return 1 if self.mode == "shared" else self.num_examples
+
+
+def droppable_sites(sites: tuple[Site, ...]) -> list[int]:
+    return [i for i, s in enumerate(sites) if s.droppable]
+
+
+def num_units(sites) -> int:
+    """m: droppable units (the length of the unit noise zeta)."""
+    return sum(sites[i].size for i in droppable_sites(sites))
+
+
+def unit_scales(sites) -> np.ndarray:
+    """sqrt((1 - p_j)/p_j) for every droppable unit j: the standard deviation of eta_j - 1. (m,)."""
+    return np.concatenate([np.full(sites[i].size, np.sqrt((1 - sites[i].keep_prob) / sites[i].keep_prob))
+                           for i in droppable_sites(sites)] or [np.zeros(0)])
+
+
+def check_diffusion(problem_or_model, loss: str, name: str, *, max_units: int = MAX_ENUMERATED_UNITS) -> None:
+    """Raise ValueError (saying why) unless diffusion `name` applies to this model and loss."""
+    model = problem_or_model.model if isinstance(problem_or_model, Problem) else problem_or_model
+    if name not in DIFFUSIONS:
+        raise ValueError(f"unknown diffusion {name!r}; expected one of {DIFFUSIONS}")
+    if name == "exact" and num_units(model.sites) > max_units:
+        raise ValueError(f"exact diffusion enumerates 2**m masks; m = {num_units(model.sites)} droppable units "
+                         f"exceeds the limit {max_units}")
+    if name == "closed_form":
+        check_closed_form(model, loss)
+
+
+# --- Mask uniforms and the quantile coupling ---------------------------------------------------
+
+
+def unit_uniforms(sites, *, key, batch_shape=(), dtype=None) -> jax.Array:
+    """The uniforms U behind `sample_masks(sites, key=key)`: a unit is kept iff U < p.
+
+    `jax.random.bernoulli(k, p, shape)` is ``uniform(k, shape, dtype(p)) < p``; site s uses
+    ``fold_in(key, s)``. The test suite checks mask equality, so a change in JAX is caught.
+
+    Returns:
+      (*batch_shape, m): droppable units of every site, flattened in site order.
+    """
+    parts = []
+    for index in droppable_sites(sites):
+        site = sites[index]
+        u_dtype = dtype or jnp.asarray(site.keep_prob).dtype
+        u = jax.random.uniform(jax.random.fold_in(key, index), (*batch_shape, *site.shape), u_dtype)
+        parts.append(u.reshape(*batch_shape, site.size))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def masks_from_uniforms(sites, u: jax.Array, *, dtype=jnp.float32):
+    """Masks (U < p)/p for droppable units and ones elsewhere; equals `sample_masks` on the same key."""
+    batch_shape, masks, offset = u.shape[:-1], [], 0
+    for site in sites:
+        shape = (*batch_shape, *site.shape)
+        if not site.droppable:
+            masks.append(jnp.ones(shape, dtype))
+            continue
+        keep = u[..., offset:offset + site.size] < jnp.asarray(site.keep_prob, u.dtype)
+        offset += site.size
+        masks.append((keep.astype(dtype) / jnp.asarray(site.keep_prob, dtype)).reshape(shape))
+    return tuple(masks)
+
+
+def coupled_normals(u: jax.Array) -> jax.Array:
+    """zeta = Phi^{-1}(U) on the grid midpoints: N(0, 1), countermonotone with eta = 1[U < p]/p.
+
+    Counter- rather than comonotone because the discrete noise enters its update as
+    -eps (g_eta - grad L_S) while the SDE's enters as +sqrt(eps h) sigma xi, and sigma zeta ~ B zeta
+    with B = Cov(g, u): a kept unit (small U) must give a negative zeta for the two increments to
+    move together. `uniform` returns multiples of 2**-nmant in [0, 1); shifting by half a grid step
+    keeps the argument inside (0, 1), so zeta is always finite. |Corr(zeta_j, eta_j)| =
+    phi(Phi^{-1}(p)) / sqrt(p(1 - p)): 0.80 at p = 0.5, 0.70 at p = 0.8, 0.58 at p = 0.1 (the
+    largest any coupling of a Bernoulli and a Gaussian reaches).
+    """
+    half = 2.0 ** -(jnp.finfo(u.dtype).nmant + 1)
+    return ndtri(u + half)
+
+
+# --- Noise --------------------------------------------------------------------------------------
+
+
+def noise_shapes(problem: Problem, name: str, *, num_masks: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the standard Gaussian parts of diffusion `name`'s noise."""
+    g, m = problem.num_groups, num_units(problem.model.sites)
+    if name == "masks":
+        return {"z": (num_masks,)}
+    if name == "exact":
+        return {"zeta": (g, m), "z": (g, 2**m)}
+    return {"zeta": (g, m), "z": (g, m * (m - 1) // 2)}
+
+
+def draw_masks(problem: Problem, *, key, num_masks: int):
+    """K mask sets from one `sample_masks` call: leading axis K ((K, n) for per_sample)."""
+    shape = (num_masks,) if problem.mode == "shared" else (num_masks, problem.num_examples)
+    return sample_masks(problem.model.sites, key=key, batch_shape=shape, dtype=problem.x.dtype)
+
+
+def sample_noise(problem: Problem, name: str, *, key, num_masks: int, with_masks: bool = False) -> dict:
+    """Noise for one Euler-Maruyama substep: the standard Gaussians of `noise_shapes` (one normal
+    draw from ``key``, split by part name in sorted order) and, for the ``masks`` diffusion or when
+    ``with_masks``, K masks from ``fold_in(key, 1)``."""
+    shapes = sorted(noise_shapes(problem, name, num_masks=num_masks).items())
+    sizes = [int(np.prod(shape)) for _, shape in shapes]
+    flat = jax.random.normal(key, (sum(sizes),), problem.x.dtype)
+    out, offset = {}, 0
+    for (part, shape), size in zip(shapes, sizes):
+        out[part] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    if name == "masks" or with_masks:
+        out["masks"] = draw_masks(problem, key=jax.random.fold_in(key, 1), num_masks=num_masks)
+    return out
+
+
+# --- Samplers -----------------------------------------------------------------------------------
+
+
+def enumerated_law(sites, dtype):
+    """All shared masks, their probabilities (E,) and standardised unit noise u (E, m), as constants."""
+    masks, probs = enumerate_masks(sites, dtype=np.dtype(dtype))
+    idx = droppable_sites(sites)
+    delta = np.concatenate([masks[i].reshape(len(probs), -1) - 1.0 for i in idx], axis=1)
+    u = delta / unit_scales(sites)
+    return tuple(jnp.asarray(m) for m in masks), jnp.asarray(probs, dtype), jnp.asarray(u, dtype)
+
+
+def loss_table(problem: Problem, params, masks) -> jax.Array:
+    """l(f(x_i; eta_e), y_i) for shared masks with leading axis E: (E, n). Cost: E x n forwards.
+
+    Examples are the outer vmap and masks the inner one: on CPU, XLA turns the other order's
+    backward pass into an (E, n, width) broadcast inside a fused dot, about 3x slower.
+    """
+    lf, model = loss_fn(problem.loss), problem.model
+
+    def per_example(x, y):
+        outs = jax.vmap(lambda m: model.apply(params, x, m))(masks)
+        return jax.vmap(lf, in_axes=(0, None))(outs, y)
+
+    return jax.vmap(per_example)(problem.x, problem.y).T
+
+
+def exact_weights(probs: jax.Array, u: jax.Array, zeta: jax.Array, z: jax.Array) -> jax.Array:
+    """w_ge = P_e (u_e.(zeta_g - v_g) - c_g) + sqrt(P_e) z_ge for G noise groups. (G, E)."""
+    root = jnp.sqrt(probs)
+    c = z @ root
+    v = (z * root) @ u
+    return probs * ((zeta - v) @ u.T - c[:, None]) + root * z
+
+
+def mask_risks(problem: Problem, params, masks) -> jax.Array:
+    """R^drop_S(theta; eta_k) for K mask sets (leading axis K; (K, n) for per_sample): (K,).
+    Cost: K forward passes (vmap order as in `loss_table`)."""
+    if problem.mode == "shared":
+        return jnp.mean(loss_table(problem, params, masks), axis=1)
+    lf, model = loss_fn(problem.loss), problem.model
+
+    def per_example(x, y, example_masks):  # example_masks: (K, ...)
+        outs = jax.vmap(lambda m: model.apply(params, x, m))(example_masks)
+        return jax.vmap(lf, in_axes=(0, None))(outs, y)
+
+    return jnp.mean(jax.vmap(per_example, in_axes=(0, 0, 1))(problem.x, problem.y, masks), axis=0)
+
+
+def closed_form_features(model: Model, params, x, y):
+    """phi (n, m, out) with f(x_i; eta) = eta . phi_i + b, and psi = y - b (n, out)."""
+    ones = ones_masks(model.sites, dtype=x.dtype)
+    drop_all = (*ones[:-1], jnp.zeros_like(ones[-1]))
+    h = jax.vmap(model.penultimate, in_axes=(None, 0, None))(params, x, ones)
+    phi = h[:, :, None] * model.readout(params)[None]
+    psi = y - jax.vmap(model.apply, in_axes=(None, 0, None))(params, x, drop_all)
+    return phi, psi
+
+
+def closed_form_a_phi(keep_prob: float, zeta: jax.Array, z: jax.Array, phi: jax.Array) -> jax.Array:
+    """(A phi_io)_k for A = sqrt(v)(zeta 1^T + 1 zeta^T + beta diag zeta) + v Z (Z symmetric, zero
+    diagonal, upper triangle z): the coefficients of s = sum_kl A_kl C_kl - sum_k alpha_k d_k.
+
+    Args:
+      zeta: (G, m); z: (G, m(m - 1)/2); phi: (n, m, out). G = 1 (shared) or n (per example).
+
+    Returns:
+      (n, m, out). Cost: n m^2 out (one GEMM when G = 1).
+    """
+    v, beta = (1.0 - keep_prob) / keep_prob, (1.0 - 2.0 * keep_prob) / keep_prob
+    g, m = zeta.shape
+    rows, cols = np.triu_indices(m, 1)
+    pairs = jnp.zeros((g, m, m), zeta.dtype).at[:, rows, cols].set(z)
+    pairs = pairs + jnp.swapaxes(pairs, 1, 2)
+    zeta_n = jnp.broadcast_to(zeta, (phi.shape[0], m))
+    zk = zeta_n[:, :, None]
+    linear = zk * jnp.sum(phi, axis=1, keepdims=True) + jnp.einsum("il,ilo->io", zeta_n, phi)[:, None, :]
+    pair_part = jnp.einsum("kl,ilo->iko", pairs[0], phi) if g == 1 else jnp.einsum("ikl,ilo->iko", pairs, phi)
+    return np.sqrt(v) * (linear + beta * zk * phi) + v * pair_part
+
+
+def _closed_form_sample(problem: Problem, params, noise):
+    model, n = problem.model, problem.num_examples
+    keep_prob = model.sites[-1].keep_prob
+    (phi, psi), vjp = jax.vjp(lambda p: closed_form_features(model, p, problem.x, problem.y), params)
+    alpha = np.sqrt((1.0 - keep_prob) / keep_prob) * jnp.broadcast_to(noise["zeta"], (n, noise["zeta"].shape[1]))
+    a_phi = closed_form_a_phi(keep_prob, noise["zeta"], noise["z"], phi)
+    d_phi = (a_phi - alpha[:, :, None] * psi[:, None, :]) / n
+    d_psi = -jnp.einsum("ik,iko->io", alpha, phi) / n
+    return vjp((d_phi, d_psi))[0]
+
+
+def closed_form_trace(problem: Problem, params) -> jax.Array:
+    """Tr Sigma(theta) = sum_j ||s(e_j)||^2 over the closed-form noise basis (s linear in the noise).
+
+    Exact under the ``closed_form`` condition. Cost: G m(m + 1)/2 VJPs (G = 1 shared, n per_sample),
+    against 2**m gradients by enumeration.
+    """
+    shapes = noise_shapes(problem, "closed_form", num_masks=0)
+    sizes = {k: int(np.prod(v)) for k, v in shapes.items()}
+    total = sum(sizes.values())
+    basis = jnp.eye(total, dtype=problem.x.dtype)
+
+    def sq_norm(e):
+        noise, offset = {}, 0
+        for k in sorted(shapes):
+            noise[k] = e[offset:offset + sizes[k]].reshape(shapes[k])
+            offset += sizes[k]
+        s = _closed_form_sample(problem, params, noise)
+        return sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(s))
+
+    return jnp.sum(jax.vmap(sq_norm)(basis))
+
+
+def noise_potential(problem: Problem, name: str, params, noise: dict) -> jax.Array:
+    """A scalar Phi(theta) whose gradient at theta is `diffusion_sample` (its weights detached).
+
+    So a whole Euler-Maruyama increment, h b + sqrt(eps h) sigma xi with b = -grad U, is ONE
+    gradient, grad [-h U + sqrt(eps h) Phi], sharing the forward passes of U and Phi. Only the
+    value of grad Phi at theta is meaningful (the closed form's detached coefficients depend on
+    theta): differentiate `diffusion_sample`, not this, for derivatives of sigma xi.
+    Cost: as `diffusion_sample`.
+    """
+    check_mode(problem.mode)
+    if name == "masks":
+        z = noise["z"]
+        w = (z - jnp.mean(z)) / jnp.sqrt(jnp.asarray(z.shape[0] - 1, z.dtype))
+        return jnp.dot(w, mask_risks(problem, params, noise["masks"]))
+    if name == "exact":
+        masks, probs, u = enumerated_law(problem.model.sites, problem.x.dtype)
+        w = exact_weights(probs, u, noise["zeta"], noise["z"])
+        n = problem.num_examples
+        return jnp.sum(jnp.broadcast_to(w.T, (w.shape[1], n)) / n * loss_table(problem, params, masks))
+    if name == "closed_form":
+        model, n = problem.model, problem.num_examples
+        keep_prob = model.sites[-1].keep_prob
+        phi, psi = closed_form_features(model, params, problem.x, problem.y)
+        c_phi, c_psi = jax.lax.stop_gradient((phi, psi))
+        alpha = np.sqrt((1.0 - keep_prob) / keep_prob) * jnp.broadcast_to(noise["zeta"], (n, noise["zeta"].shape[1]))
+        d_phi = (closed_form_a_phi(keep_prob, noise["zeta"], noise["z"], c_phi) - alpha[:, :, None] * c_psi[:, None, :]) / n
+        d_psi = -jnp.einsum("ik,iko->io", alpha, c_phi) / n
+        return jnp.sum(phi * d_phi) + jnp.sum(psi * d_psi)
+    raise ValueError(f"unknown diffusion {name!r}; expected one of {DIFFUSIONS}")
+
+
+def diffusion_sample(problem: Problem, name: str, params, noise: dict):
+    """Sigma(theta)^{1/2} xi for the noise of `sample_noise`: a pytree like params, differentiable
+    in theta (the r2 drift differentiates ||sigma xi||^2).
+
+    ``masks``: covariance Sigma_K of the noise's masks (E over masks: Sigma); ``exact`` and
+    ``closed_form``: covariance exactly Sigma(theta). Cost: one backward pass (see module docstring).
+    """
+    check_mode(problem.mode)
+    if name == "closed_form":
+        return _closed_form_sample(problem, params, noise)
+    if name in DIFFUSIONS:  # masks, exact: the weights do not depend on theta
+        return jax.grad(lambda p: noise_potential(problem, name, p, noise))(params)
+    raise ValueError(f"unknown diffusion {name!r}; expected one of {DIFFUSIONS}")

@@ -1,0 +1,257 @@
+"""Discrete dropout GD and its SDE approximations, run side by side over R replicas.
+
+Processes (all start from the same theta_0; replica r of every process is one sample path):
+
+* ``discrete``: full-batch dropout GD theta_{N+1} = theta_N - eps grad R^drop_S(theta_N; eta_N) with the
+  training loop's masks, key(seed, DROPOUT, N, replica r) (`sme.train.step`);
+* ``order1``, ``order2``, ``r2``: Euler-Maruyama of the SME (`sme.sde`), l substeps of h = eps/l per
+  discrete step, so SDE time t = N eps is in lockstep with step N. With ``richardson`` each runs on two
+  nested grids, h = eps/(2l) (path ``v``) and eps/l (path ``v/coarse``, fed the pairwise sums of the
+  fine Brownian increments), and 2 g(fine) - g(coarse) removes the O(h) weak error of Euler-Maruyama
+  (Talay & Tubaro 1990), leaving O(h^2);
+* ``svag``: dropout-SVAG(l_svag), itself a discrete process with mean grad L_S and covariance l Sigma.
+
+Common random numbers (``coupling``):
+
+* ``none``: every process has its own noise (SDE tag = variant id);
+* ``variants``: the SDE variants share every Brownian increment (and masks of the ``masks``
+  diffusion), so differences BETWEEN SDE variants are estimated with little noise. This couples
+  nothing between the discrete process and the SDEs;
+* ``quantile``: as ``variants``, and the SDE's unit noise zeta over discrete step N is tied to the
+  discrete mask: zeta_j = Phi^{-1}(1 - U_j) where eta_j = 1[U_j < p]/p (`sme.diffusion.coupled_normals`),
+  spread over the substeps by a Brownian bridge (`sme.sde.bridge`). Both laws are unchanged; the
+  linear part of the SDE noise, B zeta (the regression of g_eta on the unit noise), is then
+  correlated with the discrete noise (per unit ~0.6-0.8). The residual noise (mask interactions)
+  and SVAG stay independent. Needs the ``exact`` or ``closed_form`` diffusion.
+
+`replica_step` is the one-replica step, vmapped once over the replica axis in `make_advance`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sme import losses, rng, sde
+from sme.diffusion import (MAX_ENUMERATED_UNITS, Problem, check_diffusion, coupled_normals, masks_from_uniforms,
+                           num_units, unit_uniforms)
+from sme.dropout import sample_masks
+from sme.models import batch_apply
+
+EM_VARIANTS = sde.DRIFTS  # order1, order2, r2
+VARIANTS = (*EM_VARIANTS, "svag")
+COUPLINGS = ("none", "variants", "quantile")
+# Noise tags of the SDE stream: never renumber (they are part of the reproducibility contract).
+TAGS = {"order1": 1, "order2": 2, "r2": 3, "svag": 4}
+SHARED_TAG = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LockstepSpec:
+    """Static description of the processes (hashable: a jit static argument)."""
+
+    variants: tuple[str, ...] = ("order1",)
+    diffusion: str = "exact"
+    estimator: str = "closed_form"
+    num_masks: int = 16
+    substeps: int = 1
+    richardson: bool = False
+    svag_substeps: int = 4
+    coupling: str = "variants"
+    trace: str = "sample"
+    seed: int = 0
+
+    @property
+    def em_variants(self) -> tuple[str, ...]:
+        return tuple(v for v in self.variants if v in EM_VARIANTS)
+
+    @property
+    def fine_substeps(self) -> int:
+        return self.substeps * (2 if self.richardson else 1)
+
+
+def check_spec(spec: LockstepSpec, problem: Problem, *, max_units: int = MAX_ENUMERATED_UNITS) -> None:
+    """Raise ValueError naming the problem unless `spec` can run on `problem`."""
+    bad = [v for v in spec.variants if v not in VARIANTS]
+    if bad or not spec.variants:
+        raise ValueError(f"variants {spec.variants}: each must be one of {VARIANTS}")
+    if spec.coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {spec.coupling!r}; expected one of {COUPLINGS}")
+    if spec.em_variants:
+        check_diffusion(problem, problem.loss, spec.diffusion, max_units=max_units)
+        sde.check_estimator(problem, spec.estimator, max_units=max_units)
+    if spec.coupling == "quantile" and spec.diffusion == "masks":
+        raise ValueError("quantile coupling needs the exact or closed_form diffusion (the masks diffusion has no unit noise)")
+    if num_units(problem.model.sites) == 0:
+        raise ValueError("the model has no droppable unit (keep_prob = 1): there is no noise to model")
+
+
+class Lockstep(NamedTuple):
+    """step: int32 scalar; paths: name -> params with a leading replica axis R."""
+
+    step: jax.Array
+    paths: dict
+
+
+def path_names(spec: LockstepSpec) -> tuple[str, ...]:
+    names = ["discrete"]
+    for v in spec.variants:
+        names.append(v)
+        if spec.richardson and v in EM_VARIANTS:
+            names.append(v + "/coarse")
+    return tuple(names)
+
+
+def init_lockstep(params0, spec: LockstepSpec, num_replicas: int) -> Lockstep:
+    """Every path of every replica starts at params0 (the same theta_0 for both processes)."""
+    tile = lambda leaf: jnp.broadcast_to(leaf, (num_replicas, *leaf.shape))
+    paths = {name: jax.tree_util.tree_map(tile, params0) for name in path_names(spec)}
+    return Lockstep(jnp.asarray(0, jnp.int32), paths)
+
+
+def _discrete_masks(spec: LockstepSpec, problem: Problem, step, replica):
+    """The discrete step's masks and, under quantile coupling, the unit normals zeta (G, m) tied to them."""
+    sites, dtype = problem.model.sites, problem.x.dtype
+    key = rng.step_key(spec.seed, rng.DROPOUT, step, replica=replica)
+    shape = () if problem.mode == "shared" else (problem.num_examples,)
+    if spec.coupling != "quantile":
+        return sample_masks(sites, key=key, batch_shape=shape, dtype=dtype), None
+    u = unit_uniforms(sites, key=key, batch_shape=shape)
+    zeta = coupled_normals(u).reshape(problem.num_groups, -1).astype(dtype)
+    return masks_from_uniforms(sites, u, dtype=dtype), zeta
+
+
+def _em_noises(spec: LockstepSpec, sme_v: sde.SDE, step, replica, tag, zeta):
+    """Noises of the fine grid (leading axis 2l or l) and, with Richardson, of the coarse grid."""
+    fine = spec.fine_substeps
+    draw = lambda j: sme_v.sample_noise(sde.substep_key(spec.seed, step, j, replica=replica, tag=tag))
+    noises = jax.vmap(draw)(jnp.arange(fine))
+    if zeta is not None:
+        noises = {**noises, "zeta": sde.bridge(zeta, noises["zeta"])}
+    if not spec.richardson:
+        return noises, None
+    if sde.gaussian_only(spec.diffusion, spec.estimator):
+        return noises, sde.coarsen(noises, 2)
+    coarse = jax.vmap(draw)(jnp.arange(fine, fine + spec.substeps))  # masks cannot be nested
+    if zeta is not None:
+        coarse = {**coarse, "zeta": sde.bridge(zeta, coarse["zeta"])}
+    return noises, coarse
+
+
+def replica_step(spec: LockstepSpec, paths: dict, step, replica, lr, problem: Problem) -> dict:
+    """One discrete step N -> N + 1 of every process of one replica. Cost: one gradient (discrete),
+    l (or 3l with Richardson) SME substeps per EM variant, 2 l_svag gradients for SVAG."""
+    masks, zeta = _discrete_masks(spec, problem, step, replica)
+    new = {"discrete": sde.dropout_gd_step(problem, paths["discrete"], masks, lr=lr)}
+    cache = {}
+    for v in spec.em_variants:
+        sme_v = sde.make_sme(problem, drift=v, diffusion=spec.diffusion, estimator=spec.estimator, lr=lr,
+                             num_masks=spec.num_masks, trace=spec.trace)
+        tag = TAGS[v] if spec.coupling == "none" else SHARED_TAG
+        if tag not in cache:
+            cache[tag] = _em_noises(spec, sme_v, step, replica, tag, zeta)
+        fine, coarse = cache[tag]
+        new[v] = sde.em_scan(sme_v, paths[v], fine, h=lr / spec.fine_substeps)
+        if spec.richardson:
+            new[v + "/coarse"] = sde.em_scan(sme_v, paths[v + "/coarse"], coarse, h=lr / spec.substeps)
+    if "svag" in spec.variants:
+        key = sde.substep_key(spec.seed, step, 0, replica=replica, tag=TAGS["svag"])
+        new["svag"] = sde.svag_step(problem, paths["svag"], key=key, lr=lr, substeps=spec.svag_substeps)
+    return new
+
+
+def make_advance(spec: LockstepSpec):
+    """``advance(state, num_steps, lr, problem) -> state``: a `fori_loop` (traced trip count) of
+    replica steps vmapped over the replica axis. Jit it once; lr and the data are traced."""
+    batched = jax.vmap(lambda paths, step, r, lr, prob: replica_step(spec, paths, step, r, lr, prob),
+                       in_axes=(0, None, 0, None, None))
+
+    def advance(state: Lockstep, num_steps, lr, problem: Problem) -> Lockstep:
+        num_replicas = jax.tree_util.tree_leaves(state.paths)[0].shape[0]
+        replicas = jnp.arange(num_replicas)
+
+        def body(_, s):
+            return Lockstep(s.step + 1, batched(s.paths, s.step, replicas, lr, problem))
+
+        return jax.lax.fori_loop(0, num_steps, body, state)
+
+    return advance
+
+
+# --- Test functions and their replica statistics -------------------------------------------------
+
+
+class TestData(NamedTuple):
+    """Arrays the test functions need: probe inputs (q, d), test set, fixed L_S masks (or None)."""
+
+    probes: jax.Array
+    x_test: jax.Array
+    y_test: jax.Array
+    loss_masks: Any
+
+
+def test_function_names(num_probes: int, classification: bool) -> tuple[str, ...]:
+    names = ["R_S", "L_S", "sq_norm"] + [f"f_probe{j}" for j in range(num_probes)]
+    return tuple(names + (["test_acc"] if classification else []))
+
+
+def make_test_functions(problem_like: Problem, estimator: str, *, classification: bool):
+    """``g(params, problem, data) -> (G,)``: R_S, L_S (by `estimator`; ``masks`` uses the fixed
+    ``data.loss_masks``), ||theta||^2, the deterministic net's first output at each probe, and test
+    accuracy (classification). Cost: a few forward passes (E for exact L_S)."""
+    model, loss = problem_like.model, problem_like.loss
+
+    def g(params, problem: Problem, data: TestData):
+        ones = tuple(jnp.ones(s.shape, problem.x.dtype) for s in model.sites)
+        parts = [losses.risk(model, loss, params, problem.x, problem.y),
+                 sde.modified_loss(problem, estimator, params, {"masks": data.loss_masks}),
+                 sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(params))]
+        probe_out = batch_apply(model, params, data.probes, ones, mode="shared")[:, 0]
+        vec = jnp.concatenate([jnp.stack(parts), probe_out])
+        if classification:
+            out = batch_apply(model, params, data.x_test, ones, mode="shared")
+            vec = jnp.concatenate([vec, losses.accuracy(out, data.y_test)[None]])
+        return vec
+
+    return g
+
+
+def batch_means(values: jax.Array, num_batches: int) -> jax.Array:
+    """Means over consecutive groups of R / B replicas: (R, ...) -> (B, ...)."""
+    r = values.shape[0]
+    return jnp.mean(values.reshape(num_batches, r // num_batches, *values.shape[1:]), axis=1)
+
+
+def make_evaluate(spec: LockstepSpec, g_fn, *, num_batches: int):
+    """``evaluate(state, problem, data) -> dict`` of batch means over replica groups:
+
+    ``mean/<series>``, ``sq/<series>`` (B, G): g and g^2; ``dist/<path>`` (B,): ||theta_N - Theta||
+    between each path and the discrete path of the same replica (with Richardson, path v is the fine grid). Series: discrete, each variant (with Richardson the
+    extrapolation 2 g(fine) - g(coarse)), and with Richardson ``<v>/fine``, ``<v>/coarse``.
+    """
+
+    def evaluate(state: Lockstep, problem: Problem, data: TestData) -> dict:
+        values = {name: jax.vmap(lambda p: g_fn(p, problem, data))(params) for name, params in state.paths.items()}
+        flat = {name: jax.vmap(lambda p: jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(p)]))(params)
+                for name, params in state.paths.items()}
+        series = {"discrete": values["discrete"]}
+        for v in spec.variants:
+            if spec.richardson and v in EM_VARIANTS:
+                series[v] = 2.0 * values[v] - values[v + "/coarse"]
+                series[v + "/fine"], series[v + "/coarse"] = values[v], values[v + "/coarse"]
+            else:
+                series[v] = values[v]
+        out = {}
+        for name, vals in series.items():
+            out[f"mean/{name}"] = batch_means(vals, num_batches)
+            out[f"sq/{name}"] = batch_means(vals**2, num_batches)
+        for name in flat:
+            if name != "discrete":  # with Richardson, path v is the fine grid
+                dist = jnp.sqrt(jnp.sum((flat[name] - flat["discrete"]) ** 2, axis=1))
+                out[f"dist/{name}"] = batch_means(dist, num_batches)
+        return out
+
+    return evaluate

@@ -1,0 +1,274 @@
+"""The SME runs behind `train.py` when ``config.sde.enabled``: discrete dropout GD beside its SDEs.
+
+One *cell* per (keep_prob p, learning rate eps) of ``sde.keep_prob_grid`` x ``sde.lr_grid``: R
+replicas of every process (`sme.lockstep`) from replica 0's initial parameters, T/eps discrete steps
+(SME time t = N eps up to the horizon T), test functions logged at ``sde.num_evals`` evenly spaced
+times. Artifacts (the workdir layout of `sme.io`, plus):
+
+    <workdir>/sme/cell_p<p>_lr<eps>.npz   batch means over replica groups at the logged steps:
+        mean/<series>, sq/<series> (T_e, B, G) for series discrete, each variant and, with
+        Richardson, <v>/fine and <v>/coarse; dist/<path> (T_e, B); steps, times (T_e,); g_names (G,);
+        lr, keep_prob, num_replicas, horizon, seconds, diverged_step (first step with a non-finite
+        value, -1: none) and diverged_series (those series, comma-separated; the other processes keep
+        going); cell_config (JSON) and digest
+        (SHA-256 of the rest). A cell whose file verifies and whose config matches is skipped on
+        re-run, so an interrupted sweep resumes where it stopped with the same numbers.
+    <workdir>/metrics.jsonl   per logged step: cell, keep_prob, lr, step, t, "<series>/<g>/mean",
+        "<series>/<g>/var" (over replicas) and "<path>/dist/mean" (mean ||theta_N - Theta|| to the
+        discrete path of the same replica).
+    <workdir>/checkpoints/step_000000000.npz   the initial state, so `analyze.py` finds the run.
+
+Every number is a function of the config (keys of (seed, stream, step, substep, replica)), so chunking,
+interruption and the device count do not change it beyond float re-association.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sme import config as config_lib
+from sme import io, lockstep, rng
+from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, check_diffusion, draw_masks
+from sme.losses import check_closed_form
+from sme.weak_error import replica_moments
+
+SME_DIR = "sme"
+
+
+def resolve_methods(model, loss: str, diffusion: str, estimator: str, max_units: int = MAX_ENUMERATED_UNITS):
+    """'auto' -> closed_form when it holds (MSE, readout-only dropout), else exact when 2**m is
+    small enough, else masks. Returns (diffusion, estimator)."""
+
+    def auto():
+        try:
+            check_closed_form(model, loss)
+            return "closed_form"
+        except ValueError:
+            pass
+        try:
+            check_diffusion(model, loss, "exact", max_units=max_units)
+            return "exact"
+        except ValueError:
+            return "masks"
+
+    return (auto() if diffusion == "auto" else diffusion), (auto() if estimator == "auto" else estimator)
+
+
+def make_spec(cfg, model) -> lockstep.LockstepSpec:
+    s = cfg.sde
+    diffusion, estimator = resolve_methods(model, cfg.loss, s.diffusion, s.loss_estimator, s.max_enumerated_units)
+    return lockstep.LockstepSpec(
+        variants=tuple(v.strip() for v in s.variants.split(",") if v.strip()), diffusion=diffusion,
+        estimator=estimator, num_masks=s.num_masks, substeps=s.substeps, richardson=s.richardson,
+        svag_substeps=s.svag_substeps, coupling=s.coupling, trace=s.r2_trace, seed=cfg.seed)
+
+
+def cell_name(keep_prob: float, lr: float) -> str:
+    return f"p{keep_prob:g}_lr{lr:g}"
+
+
+def cell_path(workdir: str, keep_prob: float, lr: float) -> str:
+    return os.path.join(workdir, SME_DIR, f"cell_{cell_name(keep_prob, lr)}.npz")
+
+
+def _digest(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_cell(path: str, arrays: dict) -> None:
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    io.save_arrays(path, {**arrays, "digest": np.array(_digest(arrays))})
+
+
+def load_cell(path: str, expected_config: str | None = None) -> dict | None:
+    """The cell's arrays if the file verifies (and its config matches), else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        arrays = io.load_arrays(path)
+    except Exception as err:  # truncated or foreign files come in many types
+        logging.warning("recomputing %s: unreadable (%s)", path, err)
+        return None
+    digest = str(arrays.pop("digest", ""))
+    if digest != _digest(arrays):
+        logging.warning("recomputing %s: SHA-256 mismatch", path)
+        return None
+    if expected_config is not None and str(arrays.get("cell_config")) != expected_config:
+        logging.warning("recomputing %s: made with a different config", path)
+        return None
+    return arrays
+
+
+def _rewrite_jsonl(path: str, records: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _shard(tree, num_replicas: int):
+    """Shard the leading replica axis over devices (as `sme.train.loop._shard`) when R divides evenly."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_replicas % len(devices):
+        return tree
+    mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return lockstep.Lockstep(jax.device_put(tree.step, whole), jax.device_put(tree.paths, split))
+
+
+def eval_steps(num_steps: int, num_evals: int) -> list[int]:
+    return sorted({int(round(j * num_steps / num_evals)) for j in range(num_evals + 1)})
+
+
+class _PerKeepProb:
+    """Model, problem, jitted advance/evaluate for one keep_prob (reused across learning rates)."""
+
+    def __init__(self, cfg, setup, keep_prob: float):
+        s, ds = cfg.sde, setup.dataset
+        c = cfg.copy_and_resolve_references()
+        c.model.keep_prob = keep_prob
+        self.model = config_lib.build_model(c, ds)
+        self.spec = make_spec(cfg, self.model)
+        dtype = jnp.dtype(cfg.train.dtype)
+        self.problem = Problem(self.model, cfg.loss, cfg.mask_mode, jnp.asarray(ds.x_train, dtype),
+                               jnp.asarray(ds.y_train, dtype))
+        try:
+            lockstep.check_spec(self.spec, self.problem, max_units=s.max_enumerated_units)
+        except ValueError as err:
+            raise config_lib.ConfigError(f"config.sde (keep_prob {keep_prob:g}, diffusion {self.spec.diffusion}, "
+                                         f"loss_estimator {self.spec.estimator}): {err}") from err
+        classification = ds.num_classes > 0
+        eval_estimator = self.spec.estimator
+        loss_masks = None
+        if eval_estimator == "masks":
+            loss_masks = draw_masks(self.problem, key=rng.analysis_key(cfg.seed, "sde_loss_masks", 0),
+                                    num_masks=s.eval_num_masks)
+        probes = np.linspace(0, len(ds.x_test) - 1, s.num_probes).round().astype(int)
+        self.data = lockstep.TestData(jnp.asarray(ds.x_test[probes], dtype), jnp.asarray(ds.x_test, dtype),
+                                      jnp.asarray(ds.y_test, dtype), loss_masks)
+        self.g_names = lockstep.test_function_names(s.num_probes, classification)
+        g_fn = lockstep.make_test_functions(self.problem, eval_estimator, classification=classification)
+        self.advance = jax.jit(lockstep.make_advance(self.spec))
+        self.evaluate = jax.jit(lockstep.make_evaluate(self.spec, g_fn, num_batches=s.num_batches))
+        self.params0 = self.model.init(rng.stream_key(cfg.seed, rng.INIT, replica=0), dtype=dtype)
+
+
+def cell_config(cfg, keep_prob: float, lr: float, horizon: float, spec: lockstep.LockstepSpec) -> str:
+    s = cfg.sde
+    return json.dumps({"seed": cfg.seed, "data": cfg.data.to_dict(), "model": {**cfg.model.to_dict(),
+                       "keep_prob": keep_prob}, "loss": cfg.loss, "mask_mode": cfg.mask_mode, "lr": lr,
+                       "horizon": horizon, "spec": repr(spec), "num_replicas": s.num_replicas,
+                       "num_batches": s.num_batches, "num_evals": s.num_evals, "num_probes": s.num_probes,
+                       "eval_num_masks": s.eval_num_masks, "dtype": cfg.train.dtype}, sort_keys=True, default=list)
+
+
+def _record(name, keep_prob, lr, step, values: dict, g_names, num_replicas) -> dict:
+    rec = {"cell": name, "keep_prob": keep_prob, "lr": lr, "step": step, "t": step * lr}
+    for key, bm in values.items():
+        kind, series = key.split("/", 1)
+        if kind == "mean":
+            mean, var = replica_moments(bm, values[f"sq/{series}"], num_replicas)
+            for j, g in enumerate(g_names):
+                rec[f"{series}/{g}/mean"], rec[f"{series}/{g}/var"] = float(mean[j]), float(var[j])
+        elif kind == "dist":
+            rec[f"{series}/dist/mean"] = float(np.mean(bm))
+    return rec
+
+
+def run_cell(cfg, ctx: _PerKeepProb, keep_prob: float, lr: float, horizon: float):
+    """Simulate one cell; returns (arrays for the npz, metrics records)."""
+    s = cfg.sde
+    num_steps = int(round(horizon / lr))
+    steps = eval_steps(num_steps, s.num_evals)
+    state = _shard(lockstep.init_lockstep(ctx.params0, ctx.spec, s.num_replicas), s.num_replicas)
+    name, tic = cell_name(keep_prob, lr), time.time()
+    lr_arr = jnp.asarray(lr, ctx.problem.x.dtype)
+    results, records, diverged, diverged_series, done = [], [], -1, [], 0
+    for target in steps:
+        if target > done:
+            state = ctx.advance(state, jnp.asarray(target - done, jnp.int32), lr_arr, ctx.problem)
+            done = target
+        values = {k: np.asarray(v) for k, v in jax.device_get(ctx.evaluate(state, ctx.problem, ctx.data)).items()}
+        results.append(values)
+        records.append(_record(name, keep_prob, lr, target, values, ctx.g_names, s.num_replicas))
+        bad = sorted({k.split("/", 1)[1] for k, v in values.items() if not np.all(np.isfinite(v))})
+        new_bad = [b for b in bad if b not in diverged_series]
+        if new_bad:  # the others go on: a process that diverges in one replica has no finite mean
+            diverged = target if diverged < 0 else diverged
+            diverged_series += new_bad
+            logging.warning("cell %s: %s non-finite at step %d (their errors are NaN)", name, ", ".join(new_bad),
+                            target)
+    arrays = {k: np.stack([r[k] for r in results]) for k in results[0]}
+    seconds = time.time() - tic
+    arrays.update(steps=np.array(steps), times=np.array(steps) * lr, g_names=np.array(ctx.g_names),
+                  lr=np.array(lr), keep_prob=np.array(keep_prob), num_replicas=np.array(s.num_replicas),
+                  horizon=np.array(horizon), seconds=np.array(seconds), diverged_step=np.array(diverged),
+                  diverged_series=np.array(",".join(diverged_series)),
+                  variants=np.array(ctx.spec.variants), diffusion=np.array(ctx.spec.diffusion),
+                  estimator=np.array(ctx.spec.estimator))
+    return arrays, records
+
+
+def run_sde(cfg, workdir: str, setup) -> dict:
+    """The sweep of `cfg` (already validated into `setup`), resuming finished cells. Returns a
+    record with the last cell's final discrete R_S and the number of cells."""
+    from sme.train import loop  # the training loop's run bookkeeping (config check, versions, state)
+
+    lrs, keep_probs, horizon = config_lib.sde_grids(cfg)
+    per_p = {p: _PerKeepProb(cfg, setup, p) for p in keep_probs}  # model checks before any write
+    loop._check_same_run(cfg, workdir)
+    os.makedirs(os.path.join(workdir, SME_DIR), exist_ok=True)
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        io.write_json(os.path.join(workdir, "config.json"), {
+            "config": cfg.to_dict(), "versions": loop.versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "num_train": setup.dataset.num_train, "num_test": len(setup.dataset.x_test),
+            "num_params": int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(per_p[keep_probs[0]].params0)))})
+    if not io.list_checkpoints(workdir):
+        dtype = jnp.dtype(cfg.train.dtype)
+        state = loop.init_state(setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
+                                share_init=cfg.train.share_init, dtype=dtype)
+        io.save_checkpoint(workdir, 0, jax.device_get(state))
+    cells = [(p, lr) for p in keep_probs for lr in lrs]
+    configs = {c: cell_config(cfg, c[0], c[1], horizon, per_p[c[0]].spec) for c in cells}
+    done = {c for c in cells if load_cell(cell_path(workdir, *c), configs[c]) is not None}
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    records = io.read_jsonl(metrics_path)
+    kept = [r for r in records if (r.get("keep_prob"), r.get("lr")) in done]
+    if len(kept) != len(records):
+        _rewrite_jsonl(metrics_path, kept)  # lines of unfinished cells are redone
+    last, start = None, time.time()
+    for i, (p, lr) in enumerate(cells):
+        if (p, lr) in done:
+            logging.info("cell %s: done, skipped", cell_name(p, lr))
+            continue
+        arrays, cell_records = run_cell(cfg, per_p[p], p, lr, horizon)
+        arrays["cell_config"] = np.array(configs[(p, lr)])
+        for rec in cell_records:
+            io.append_jsonl(metrics_path, rec)
+        save_cell(cell_path(workdir, p, lr), arrays)  # last: the file marks the cell finished
+        last = cell_records[-1]
+        rate = cfg.sde.num_replicas * int(round(horizon / lr)) / max(float(arrays["seconds"]), 1e-9)
+        logging.info("cell %s (%d/%d): %d steps x %d replicas in %.1fs (%.3g replica-steps/s, compile "
+                     "included); elapsed %.0fs", cell_name(p, lr), i + 1, len(cells), int(round(horizon / lr)),
+                     cfg.sde.num_replicas, float(arrays["seconds"]), rate, time.time() - start)
+    del last
+    final = ([r for r in io.read_jsonl(metrics_path) if r.get("cell") == cell_name(*cells[-1])] or [{}])[-1]
+    return {"step": int(final.get("step", 0)), "cells": len(cells),
+            "train/risk": float(final.get("discrete/R_S/mean", float("nan")))}
