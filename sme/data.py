@@ -221,6 +221,17 @@ def load_dataset(spec: DataSpec) -> Dataset:
     return Dataset(xtr, ytr, xte, yte, num_classes, spec.name)
 
 
+def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+    """The sampling order of epoch ``epoch``: a permutation of ``num_examples`` from ``fold_in(key, epoch)``."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def batch_from_permutation(perm: jax.Array, step, *, batch_size: int) -> jax.Array:
+    """Block ``step mod (n // B)`` of an epoch's permutation ``perm`` (n,): the minibatch at ``step``."""
+    steps_per_epoch = perm.shape[0] // batch_size
+    return jax.lax.dynamic_slice_in_dim(perm, (step % steps_per_epoch) * batch_size, batch_size)
+
+
 def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -> jax.Array:
     """Indices of the minibatch at `step`: epochs of sampling without replacement.
 
@@ -229,10 +240,12 @@ def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -
     (key, step), so resuming at any step needs no saved sampler state. The last
     n mod B examples of each epoch's permutation are skipped (drop-last).
 
+    Drawing the permutation costs O(n log n) per call; a loop over many steps
+    should draw it once per epoch (`epoch_permutation`) and slice it with
+    `batch_from_permutation`, which gives the same indices.
+
     Returns:
       int32 array of shape (batch_size,).
     """
-    steps_per_epoch = num_examples // batch_size
-    epoch, offset = jnp.divmod(step, steps_per_epoch)
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-    return jax.lax.dynamic_slice_in_dim(perm, offset * batch_size, batch_size)
+    perm = epoch_permutation(key, step // (num_examples // batch_size), num_examples)
+    return batch_from_permutation(perm, step, batch_size=batch_size)

@@ -32,7 +32,7 @@ from sme import io, losses, rng
 from sme.train.evaluate import make_evaluate
 from sme.train.snapshots import SnapshotBuffer, snapshot_steps
 from sme.train.state import TrainState
-from sme.train.step import make_advance, make_replica_step, make_train_step
+from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step
 
 # Config fields that may change when resuming: they do not change the numbers.
 RESUMABLE_CHANGES = ("train.log_every_secs",)
@@ -129,7 +129,7 @@ def run(cfg, workdir: str) -> dict:
     objective = losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode, lr=cfg.optim.lr)
     replica_step = make_replica_step(model, objective, setup.optimizer, seed=cfg.seed,
                                      batch_size=setup.batch_size, mask_mode=cfg.mask_mode)
-    advance = jax.jit(make_advance(make_train_step(replica_step)))
+    advance = jax.jit(make_advance(make_train_step(replica_step), Sampler(cfg.seed, setup.batch_size)))
     evaluate = jax.jit(make_evaluate(model, cfg.loss, classification=ds.num_classes > 0))
 
     state = init_state(model, setup.optimizer, seed=cfg.seed, num_replicas=t.num_replicas,
