@@ -162,7 +162,7 @@ def test_checkpoints_share_one_compilation():
         out = cu.hessian(ctx, key=jax.random.key(step))
         assert out["top_values"].shape == (3,) and np.all(np.isfinite(out["top_values"]))
     filled = cu.fill_settings("hessian", settings, cu.HESSIAN_DEFAULTS)
-    jitted = cu._hessian_fn(cu._BySpec(ctx.model), "mse", "shared", "modified", cu._frozen(filled), 12)
+    jitted = cu._hessian_fn(cu.BySpec(ctx.model), "mse", "shared", "modified", cu._frozen(filled), 12)
     assert jitted._cache_size() == 1  # two checkpoints, one trace and compilation
 
 

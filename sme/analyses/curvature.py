@@ -55,20 +55,19 @@ settings), so all checkpoints of a run share one compilation.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import math
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sme import hessian as hs
 from sme import lanczos, losses
-from sme.analyses import Context, register
-from sme.dropout import num_droppable_units, sample_masks
+from sme.analyses import Context, common, register
+from sme.analyses.common import (BySpec, load_step_artifacts, pyplot, resolve_loss_kind, save_figure, step_axis,
+                                 train_subset)
+from sme.dropout import sample_masks
 
 _LOSS_DEFAULTS = dict(
     loss_kind="auto",  # auto | modified | modified_exact | modified_mc | risk | fixed_mask
@@ -106,73 +105,15 @@ FISHER_NAMES = {"empirical": "empirical_fisher", "true": "true_fisher", "ggn": "
 LOSS_KIND_CHOICES = ("auto", *hs.LOSS_KINDS)
 
 
-def _cast(name: str, key: str, value, default):
-    kind = type(default)
-    try:
-        if kind is bool:
-            text = str(value).lower()
-            if text not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text in ("true", "1")
-        if kind is int:
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        return float(value) if kind is float else str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"analysis {name}: setting {key}={value!r} is not a {kind.__name__}") from None
-
-
 def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
-    """Defaults overridden by ``settings``; unknown keys or ill-typed values raise naming them."""
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
-    s = {k: _cast(name, k, settings.get(k, d), d) for k, d in defaults.items()}
+    """`common.fill_settings`, then loss_kind must be a choice and counts must be >= 1."""
+    s = common.fill_settings(name, settings, defaults)
     if "loss_kind" in s and s["loss_kind"] not in LOSS_KIND_CHOICES:
         raise ValueError(f"analysis {name}: loss_kind={s['loss_kind']!r}; expected one of {LOSS_KIND_CHOICES}")
     for key in ("order", "num_probes", "grid_size", "top_k", "num_masks"):
         if key in s and s[key] < 1:
             raise ValueError(f"analysis {name}: {key}={s[key]} must be >= 1")
     return s
-
-
-def resolve_loss_kind(kind: str, model, loss: str, max_units: int) -> str:
-    """The concrete loss kind for ``auto`` (see the module docstring); others pass through."""
-    if kind != "auto":
-        return kind
-    units = num_droppable_units(model.sites)
-    if units == 0:
-        return "risk"
-    try:
-        losses.check_closed_form(model, loss)
-        return "modified"
-    except ValueError:
-        return "modified_exact" if units <= max_units else "modified_mc"
-
-
-class _BySpec:
-    """A Model compared by (spec, sites): equal specs build equal functions, so checkpoints share compilations."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __hash__(self):
-        return hash((self.model.spec, self.model.sites))
-
-    def __eq__(self, other):
-        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
-
-
-def _dtype(params):
-    return jnp.result_type(*jax.tree_util.tree_leaves(params))
-
-
-def _train_data(ctx: Context, num_examples: int, dtype):
-    n = num_examples or ctx.dataset.num_train
-    if not 1 <= n <= ctx.dataset.num_train:
-        raise ValueError(f"num_examples={num_examples} must be in [1, {ctx.dataset.num_train}] (0 = all)")
-    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
 
 
 def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype):
@@ -190,8 +131,8 @@ def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype):
 def _setup(ctx: Context, s: dict, key):
     """(resolved kind, x, y, masks, P) shared by the Hessian analyses."""
     kind = resolve_loss_kind(s["loss_kind"], ctx.model, ctx.loss, s["max_enumerated_units"])
-    dtype = _dtype(ctx.params)
-    x, y = _train_data(ctx, s["num_examples"], dtype)
+    x, y = train_subset(ctx, s["num_examples"])
+    dtype = x.dtype
     return kind, x, y, _masks(ctx, kind, s, x.shape[0], key, dtype), ravel_pytree(ctx.params)[0].shape[0]
 
 
@@ -203,7 +144,7 @@ def _frozen(s: dict):
 
 
 @functools.lru_cache(maxsize=16)
-def _hessian_fn(by_spec: _BySpec, loss: str, mode: str, kind: str, frozen, order: int):
+def _hessian_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order: int):
     s, model = dict(frozen), by_spec.model
 
     def run(params, x, y, masks, key):
@@ -239,7 +180,7 @@ def hessian(ctx: Context, *, key) -> dict:
     order = min(s["order"], dim)
     if s["top_k"] > order or s["bottom_k"] > order or s["bottom_k"] < 0:
         raise ValueError(f"hessian: top_k={s['top_k']} and bottom_k={s['bottom_k']} must be in [0, order={order}]")
-    fn = _hessian_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    fn = _hessian_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
     out = {k: np.asarray(v) for k, v in fn(ctx.params, x, y, masks, key).items()}
     empty = np.zeros((0,), np.float64)
     out.setdefault("bottom_values", empty)
@@ -255,7 +196,7 @@ def hessian(ctx: Context, *, key) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def _density_fn(by_spec: _BySpec, loss: str, mode: str, kind: str, frozen, order: int):
+def _density_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order: int):
     s, model = dict(frozen), by_spec.model
 
     def run(params, x, y, masks, key):
@@ -274,7 +215,7 @@ def hessian_density(ctx: Context, *, key) -> dict:
     s = fill_settings("hessian_density", ctx.settings, DENSITY_DEFAULTS)
     kind, x, y, masks, dim = _setup(ctx, s, key)
     order = min(s["order"], dim)
-    fn = _density_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    fn = _density_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
     nodes, weights = (np.asarray(a, np.float64) for a in fn(ctx.params, x, y, masks, key))
     low, high = float(nodes.min()), float(nodes.max())
     sigma = s["sigma_rel"] * max(high - low, 1e-12 * max(abs(high), 1.0))
@@ -300,7 +241,7 @@ def _fisher_kinds(text: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _fisher_fn(by_spec: _BySpec, loss: str, frozen, order: int):
+def _fisher_fn(by_spec: BySpec, loss: str, frozen, order: int):
     s, model = dict(frozen), by_spec.model
     closed_form = loss == "mse" and model.only_last_layer_dropout
 
@@ -328,12 +269,12 @@ def fisher(ctx: Context, *, key) -> dict:
     """Traces and top eigenvalues of the empirical Fisher, true Fisher and Gauss-Newton matrix; R_1."""
     s = fill_settings("fisher", ctx.settings, FISHER_DEFAULTS)
     _fisher_kinds(s["kinds"])
-    x, y = _train_data(ctx, s["num_examples"], _dtype(ctx.params))
+    x, y = train_subset(ctx, s["num_examples"])
     dim = ravel_pytree(ctx.params)[0].shape[0]
     order = min(s["order"], dim)
     if s["top_k"] > order:
         raise ValueError(f"fisher: top_k={s['top_k']} must be <= order={order}")
-    fn = _fisher_fn(_BySpec(ctx.model), ctx.loss, _frozen(s), order)
+    fn = _fisher_fn(BySpec(ctx.model), ctx.loss, _frozen(s), order)
     out = {k: np.asarray(v) for k, v in fn(ctx.params, x, y, key).items()}
     out.setdefault("r1", np.nan)
     out.setdefault("r1_quadratic", np.nan)
@@ -345,45 +286,12 @@ def fisher(ctx: Context, *, key) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def _load_steps(directory: str, steps) -> list[tuple[int, dict]]:
-    out = []
-    for step in sorted(int(s) for s in steps):
-        paths = glob.glob(os.path.join(directory, f"step_{step:09d}.npz"))
-        if paths:
-            with np.load(paths[0], allow_pickle=False) as f:
-                out.append((step, {k: f[k] for k in f.files}))
-    return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, plt, directory: str, name: str) -> str:
-    path = os.path.join(directory, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _step_axis(ax, xs):
-    ax.set_xlabel("training step N")
-    if len(xs) and min(xs) > 0 and max(xs) / min(xs) > 20:
-        ax.set_xscale("log")
-
-
 def plot_hessian(directory: str, steps) -> list[str]:
     """Top (and bottom) eigenvalues and Tr H against the training step."""
-    loaded = _load_steps(directory, steps)
+    loaded = load_step_artifacts(directory, steps)
     if not loaded:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     xs = [step for step, _ in loaded]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     top = np.array([a["top_values"] for _, a in loaded])
@@ -395,25 +303,25 @@ def plot_hessian(directory: str, steps) -> list[str]:
         axes[0].plot(xs, bottom[:, i], "x--", ms=3, color="grey", label="smallest" if i == 0 else None)
     axes[0].set(ylabel="eigenvalue", title=f"Hessian of {loaded[0][1]['loss_label']}")
     axes[0].legend(fontsize=7)
-    _step_axis(axes[0], xs)
+    step_axis(axes[0], xs)
     for key, marker in (("hutchinson", "o"), ("hutchpp", "s")):
         t, se = np.array([a[f"trace_{key}"] for _, a in loaded]), np.array([a[f"trace_{key}_se"] for _, a in loaded])
         if np.all(np.isfinite(t)):
             axes[1].errorbar(xs, t, yerr=2 * se, fmt=marker + "-", ms=3, capsize=2, label=f"{key} ±2 se")
     axes[1].set(ylabel="Tr H", title="Hessian trace")
     axes[1].legend(fontsize=7)
-    _step_axis(axes[1], xs)
-    return [_save(fig, plt, directory, "hessian.png")]
+    step_axis(axes[1], xs)
+    return [save_figure(fig, plt, directory, "hessian.png")]
 
 
 def plot_hessian_density(directory: str, steps) -> list[str]:
     """Smoothed SLQ densities at up to 8 of the analysed steps (evenly chosen), log scale."""
-    loaded = _load_steps(directory, steps)
+    loaded = load_step_artifacts(directory, steps)
     if not loaded:
         return []
     if len(loaded) > 8:
         loaded = [loaded[i] for i in np.unique(np.linspace(0, len(loaded) - 1, 8).round().astype(int))]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = plt.cm.viridis(np.linspace(0, 1, len(loaded)))
     floor = 1e-12
@@ -422,15 +330,15 @@ def plot_hessian_density(directory: str, steps) -> list[str]:
     ax.set(xlabel="eigenvalue λ", ylabel="density (smoothed SLQ)", ylim=(floor * 1e3, None),
            title=f"Hessian spectral density of {loaded[0][1]['loss_label']}")
     ax.legend(fontsize=7)
-    return [_save(fig, plt, directory, "hessian_density.png")]
+    return [save_figure(fig, plt, directory, "hessian_density.png")]
 
 
 def plot_fisher(directory: str, steps) -> list[str]:
     """Fisher / GGN traces and top eigenvalues against the step, with R_1 and its quadratic form."""
-    loaded = _load_steps(directory, steps)
+    loaded = load_step_artifacts(directory, steps)
     if not loaded:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     xs = [step for step, _ in loaded]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in FISHER_NAMES.values():
@@ -447,8 +355,8 @@ def plot_fisher(directory: str, steps) -> list[str]:
     axes[1].set(ylabel="top eigenvalue", yscale="log", title="largest eigenvalues")
     for ax in axes:
         ax.legend(fontsize=7)
-        _step_axis(ax, xs)
-    return [_save(fig, plt, directory, "fisher.png")]
+        step_axis(ax, xs)
+    return [save_figure(fig, plt, directory, "fisher.png")]
 
 
 register("hessian", plot_fn=plot_hessian)(hessian)

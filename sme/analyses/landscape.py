@@ -48,7 +48,6 @@ checkpoints of a run compile once.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import logging
 import math
@@ -60,7 +59,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sme import landscape, losses
-from sme.analyses import Context, register
+from sme.analyses import Context, common, register
+from sme.analyses.common import BySpec, load_step_artifacts, pyplot, save_figure, train_subset
 from sme.dropout import sample_masks
 
 FACTOR_NAMES = ("c2", "ce")  # suffixes of landscape.FACTORS = (2, e)
@@ -96,30 +96,9 @@ PROFILE_DEFAULTS = dict(
 )
 
 
-def _cast(name: str, key: str, value, default):
-    """A setting given as text (command line) or a number, as the type of its default."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            text = str(value).lower()
-            if text not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text in ("true", "1")
-        if kind is int:
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        return float(value) if kind is float else value
-    except (TypeError, ValueError):
-        raise ValueError(f"analysis {name}: setting {key}={value!r} is not a {kind.__name__}") from None
-
-
 def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
-    """Defaults overridden by ``settings``; unknown keys or ill-typed values raise naming them."""
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
-    filled = {k: _cast(name, k, settings.get(k, d), d) for k, d in defaults.items()}
+    """`common.fill_settings`, then the objective must be one of OBJECTIVES."""
+    filled = common.fill_settings(name, settings, defaults)
     if filled["objective"] not in OBJECTIVES:
         raise ValueError(f"analysis {name}: objective={filled['objective']!r}; expected one of {OBJECTIVES}")
     return filled
@@ -162,22 +141,8 @@ def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
     return jax.lax.map(row, jax.random.split(key, s["num_masks"]), batch_size=s["chunk_size"])
 
 
-class _BySpec:
-    """A Model compared by (spec, sites): `make_model` builds equal functions from equal specs,
-    so a run's checkpoints, and runs sharing an architecture, share compiled functions."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __hash__(self):
-        return hash((self.model.spec, self.model.sites))
-
-    def __eq__(self, other):
-        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
-
-
 @functools.lru_cache(maxsize=16)
-def _flatness_fn(by_spec: _BySpec, loss, mode, frozen, from_gradients: bool):
+def _flatness_fn(by_spec: BySpec, loss, mode, frozen, from_gradients: bool):
     s, model = dict(frozen), by_spec.model
 
     def run(params, rows, x, y, key):
@@ -230,17 +195,6 @@ def _flatness_result(variances, directions, result, s) -> dict:
     return out
 
 
-def _train_data(ctx: Context, s: dict, dtype):
-    n = s["num_examples"] or ctx.dataset.num_train
-    if not 1 <= n <= ctx.dataset.num_train:
-        raise ValueError(f"num_examples={s['num_examples']} but the run has {ctx.dataset.num_train} examples")
-    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
-
-
-def _dtype(params):
-    return jnp.result_type(*jax.tree.leaves(params))
-
-
 def _check_rows(s: dict, num_rows: int, dim: int, what: str):
     if not 1 <= s["num_components"] <= min(num_rows - 1, dim):
         raise ValueError(f"num_components={s['num_components']} must be in [1, {min(num_rows - 1, dim)}] "
@@ -255,14 +209,14 @@ def flatness(ctx: Context, *, key) -> dict:
     if s["noise"] != "minibatch" and not any(site.droppable for site in ctx.model.sites):
         raise ValueError("analysis flatness: the model has no dropout (all keep_prob = 1), so mask "
                          "gradients are identical; use noise='minibatch'")
-    x, y = _train_data(ctx, s, _dtype(ctx.params))
+    x, y = train_subset(ctx, s["num_examples"])
     if s["noise"] != "dropout":
         s["batch_size"] = s["batch_size"] or int(ctx.run_config.get("train", {}).get("batch_size", 0))
         if not 1 <= s["batch_size"] < x.shape[0]:
             raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {x.shape[0]} "
                              f"examples, got batch_size={s['batch_size']}")
     _check_rows(s, s["num_masks"], ravel_pytree(ctx.params)[0].shape[0], "gradient rows")
-    fn = _flatness_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), True)
+    fn = _flatness_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), True)
     return _flatness_result(*fn(ctx.params, None, x, y, key), s)
 
 
@@ -304,15 +258,15 @@ def trajectory_flatness(ctx: Context, *, key) -> dict:
         raise ValueError(f"{path}: snapshots have {rows.shape[1]} parameters but the model has {flat.shape[0]}")
     _check_rows(s, rows.shape[0], rows.shape[1], "snapshots")
     reference = {"last": rows[-1], "mean": jnp.mean(rows, axis=0), "checkpoint": flat}[s["reference"]]
-    x, y = _train_data(ctx, s, flat.dtype)
-    fn = _flatness_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), False)
+    x, y = train_subset(ctx, s["num_examples"])
+    fn = _flatness_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), False)
     out = _flatness_result(*fn(unravel(reference), rows, x, y, key), s)
     out["num_snapshots"] = rows.shape[0]
     return out
 
 
 @functools.lru_cache(maxsize=16)
-def _profile_fn(by_spec: _BySpec, loss, mode, frozen):
+def _profile_fn(by_spec: BySpec, loss, mode, frozen):
     s, model = dict(frozen), by_spec.model
     alphas = jnp.linspace(-s["radius"], s["radius"], s["num_points"])
 
@@ -339,10 +293,10 @@ def profile(ctx: Context, *, key) -> dict:
     if s["num_points"] < 3 or s["num_points"] % 2 == 0 or s["num_directions"] < 1 or not s["radius"] > 0:
         raise ValueError(f"analysis profile: need odd num_points >= 3, num_directions >= 1 and radius > 0; got "
                          f"{s['num_points']}, {s['num_directions']}, {s['radius']}")
-    dtype = _dtype(ctx.params)
-    x, y = _train_data(ctx, s, dtype)
+    x, y = train_subset(ctx, s["num_examples"])
+    dtype = x.dtype
     xt, yt = jnp.asarray(ctx.dataset.x_test, dtype), jnp.asarray(ctx.dataset.y_test, dtype)
-    fn = _profile_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    fn = _profile_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
     alphas, train_losses, test_losses, at_params, test_at_params = fn(ctx.params, x, y, xt, yt, key)
     return dict(alphas=alphas, train_losses=train_losses, test_losses=test_losses,
                 loss_at_params=at_params, test_loss_at_params=test_at_params,
@@ -352,30 +306,10 @@ def profile(ctx: Context, *, key) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def _load_steps(directory: str, steps) -> list[tuple[int, dict]]:
-    out = []
-    for step in steps:
-        paths = glob.glob(os.path.join(directory, f"step_{int(step):09d}.npz")) or \
-            glob.glob(os.path.join(directory, f"step_{int(step)}.npz"))
-        if paths:
-            with np.load(paths[0], allow_pickle=False) as f:
-                out.append((int(step), {k: f[k] for k in f.files}))
-    return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_flatness_kind(prefix: str, title: str):
     def plot(directory: str, steps) -> list[str]:
-        plt, written = _pyplot(), []
-        for step, a in _load_steps(directory, steps):
+        plt, written = pyplot(), []
+        for step, a in load_step_artifacts(directory, steps):
             if "skipped" in a:
                 continue
             fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
@@ -398,11 +332,7 @@ def _plot_flatness_kind(prefix: str, title: str):
                 ax.set(xlabel=f"flatness F_i (c = {c})", title=f"{title}, step {step}")
                 ax.legend(fontsize=8)
             axes[0].set_ylabel("variance σ_i²")
-            path = os.path.join(directory, f"{prefix}_step_{step:09d}.png")
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(fig, plt, directory, f"{prefix}_step_{step:09d}.png"))
         return written
 
     return plot
@@ -410,10 +340,10 @@ def _plot_flatness_kind(prefix: str, title: str):
 
 def plot_profile(directory: str, steps) -> list[str]:
     """Mean profile over directions (band: min to max) per checkpoint, train and test."""
-    plt = _pyplot()
-    loaded = _load_steps(directory, steps)
+    loaded = load_step_artifacts(directory, steps)
     if not loaded:
         return []
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colors = plt.cm.viridis(np.linspace(0, 1, len(loaded)))
     for (step, a), color in zip(loaded, colors):
@@ -424,11 +354,7 @@ def plot_profile(directory: str, steps) -> list[str]:
     axes[0].set(xlabel="α (filter-normalised)", ylabel=f"{objective} (train)", title="train")
     axes[1].set(xlabel="α (filter-normalised)", ylabel="R_S (test)", title="test")
     axes[1].legend(fontsize=8)
-    path = os.path.join(directory, "profile.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, plt, directory, "profile.png")]
 
 
 register("flatness", plot_fn=_plot_flatness_kind("flatness", "random gradient data"))(flatness)

@@ -60,10 +60,8 @@ the checkpoints of a run compile once.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +71,9 @@ from jax.flatten_util import ravel_pytree
 from sme import covariance as cv
 from sme import grads, hessian, relations
 from sme.analyses import Context, register
-from sme.dropout import num_droppable_units, sample_masks
+from sme.analyses.common import (BySpec, fill_settings, load_step_artifacts, pyplot, resolve_loss_kind, save_figure,
+                                 step_axis, train_subset)
+from sme.dropout import sample_masks
 
 COVARIANCE_DEFAULTS = dict(
     num_masks=64,  # K mask gradients for Sigma_K
@@ -103,37 +103,6 @@ ALIGNMENT_DEFAULTS = dict(
 )
 
 
-def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
-    """Defaults overridden by ``settings``; unknown keys raise naming the allowed ones."""
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
-    filled = dict(defaults, **settings)
-    for key, default in defaults.items():  # cast to the default's type (ConfigDict/JSON edges)
-        filled[key] = type(default)(filled[key])
-    return filled
-
-
-class _BySpec:
-    """A Model compared by (spec, sites): equal specs build equal functions, so checkpoints share compilations."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __hash__(self):
-        return hash((self.model.spec, self.model.sites))
-
-    def __eq__(self, other):
-        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
-
-
-def _train_data(ctx: Context, num_examples: int, dtype):
-    n = num_examples or ctx.dataset.num_train
-    if not 2 <= n <= ctx.dataset.num_train:
-        raise ValueError(f"num_examples={num_examples} must be in [2, {ctx.dataset.num_train}] (0 = all)")
-    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
-
-
 def _subset(key, n: int, size: int, what: str) -> np.ndarray:
     """Sorted indices of a random subset of `size` of n examples (all of them for size 0 or >= n)."""
     if size == 0 or size >= n:
@@ -141,10 +110,6 @@ def _subset(key, n: int, size: int, what: str) -> np.ndarray:
     if not 2 <= size <= n:
         raise ValueError(f"{what}={size} must be in [2, {n}] (0 = all)")
     return np.sort(np.asarray(jax.random.permutation(key, n))[:size])
-
-
-def _dtype(params):
-    return jnp.result_type(*jax.tree_util.tree_leaves(params))
 
 
 def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
@@ -156,7 +121,7 @@ def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _covariance_fn(by_spec: _BySpec, loss: str, mode: str, frozen):
+def _covariance_fn(by_spec: BySpec, loss: str, mode: str, frozen):
     s, model = dict(frozen), by_spec.model
 
     def run(params, x, y, x_sgd, y_sgd, x_dec, y_dec, key):
@@ -190,13 +155,13 @@ def covariance(ctx: Context, *, key) -> dict:
         raise ValueError(f"covariance: need 2 <= num_masks and 1 <= top_k <= num_masks, got {s}")
     if s["decomposition_masks"] == 1:
         raise ValueError("covariance: decomposition_masks must be 0 (skip) or >= 2")
-    x, y = _train_data(ctx, s["num_examples"], _dtype(ctx.params))
+    x, y = train_subset(ctx, s["num_examples"], min_examples=2)
     n = x.shape[0]
     sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
     dec_idx = _subset(jax.random.fold_in(key, 3), n, s["decomposition_examples"], "decomposition_examples")
     if s["top_k"] > len(sgd_idx):
         raise ValueError(f"covariance: top_k={s['top_k']} exceeds the {len(sgd_idx)} SGD examples")
-    fn = _covariance_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    fn = _covariance_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
     out = {k: np.asarray(v, np.float64) for k, v in fn(
         ctx.params, x, y, x[sgd_idx], y[sgd_idx], x[dec_idx], y[dec_idx], key).items()}
     out["sigma_effective_rank"] = out["sigma_trace"] ** 2 / max(out["sigma_frobenius"] ** 2, 1e-300)
@@ -213,16 +178,6 @@ def covariance(ctx: Context, *, key) -> dict:
 # ----------------------------------------------------------------------------- alignment
 
 
-def _hessian_kind(model, loss: str, max_units: int) -> str:
-    """Which L_S the Hessian is of (a key of `sme.hessian.LOSS_KINDS`)."""
-    units = num_droppable_units(model.sites)
-    if units == 0:
-        return "risk"  # no dropout: L_S = R_S
-    if loss == "mse" and model.only_last_layer_dropout:
-        return "modified"
-    return "modified_exact" if units <= max_units else "modified_mc"
-
-
 def _noise_entries(hvp, cov, vectors, fro_h, chunk):
     tr_hs = relations.trace_h_sigma(hvp, cov, chunk_size=chunk)
     fro_s = cv.frobenius(cov)
@@ -232,7 +187,7 @@ def _noise_entries(hvp, cov, vectors, fro_h, chunk):
 
 
 @functools.lru_cache(maxsize=16)
-def _alignment_fn(by_spec: _BySpec, loss: str, mode: str, kind: str, dense_path: bool, frozen):
+def _alignment_fn(by_spec: BySpec, loss: str, mode: str, kind: str, dense_path: bool, frozen):
     s, model = dict(frozen), by_spec.model
 
     def run(params, x, y, hmasks, x_sgd, y_sgd, key):
@@ -281,18 +236,18 @@ def _fit_entries(prefix: str, eigenvalues, projected, s) -> dict:
 def alignment(ctx: Context, *, key) -> dict:
     """alpha(H, Sigma) with Haar/Wishart nulls and projected variance vs Hessian eigenvalue, dropout and SGD."""
     s = fill_settings("alignment", ctx.settings, ALIGNMENT_DEFAULTS)
-    x, y = _train_data(ctx, s["num_examples"], _dtype(ctx.params))
+    x, y = train_subset(ctx, s["num_examples"], min_examples=2)
     n = x.shape[0]
     dim = ravel_pytree(ctx.params)[0].shape[0]
     if not 1 <= s["top_k"] <= dim or s["num_masks"] < 2:
         raise ValueError(f"alignment: need 1 <= top_k <= {dim} parameters and num_masks >= 2, got {s}")
-    kind = _hessian_kind(ctx.model, ctx.loss, s["max_enumerated_units"])
+    kind = resolve_loss_kind("auto", ctx.model, ctx.loss, s["max_enumerated_units"])
     hmasks = None
     if kind == "modified_mc":
         shape = (s["hessian_masks"],) if ctx.mask_mode == "shared" else (s["hessian_masks"], n)
         hmasks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 2), batch_shape=shape, dtype=x.dtype)
     sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
-    fn = _alignment_fn(_BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, dim <= s["dense_max_params"],
+    fn = _alignment_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, dim <= s["dense_max_params"],
                        tuple(sorted(s.items())))
     out = {k: np.asarray(v, np.float64) for k, v in fn(
         ctx.params, x, y, hmasks, x[sgd_idx], y[sgd_idx], key).items()}
@@ -311,41 +266,12 @@ def alignment(ctx: Context, *, key) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def _load_steps(directory: str, steps) -> list[tuple[int, dict]]:
-    out = []
-    for step in sorted(int(s) for s in steps):
-        path = os.path.join(directory, f"step_{step:09d}.npz")
-        for candidate in [path, *glob.glob(os.path.join(directory, f"step_{step}.npz"))]:
-            if os.path.exists(candidate):
-                with np.load(candidate, allow_pickle=False) as f:
-                    out.append((step, {k: f[k] for k in f.files}))
-                break
-    return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _step_axis(ax, steps) -> None:
-    """Log-spaced checkpoints (with step 0) read best on a symlog axis."""
-    steps = np.asarray(steps, np.float64)
-    if steps.max() > 20 * max(steps[steps > 0].min(initial=1.0), 1.0):
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(left=0.0, right=steps.max() * 1.3)
-
-
 def plot_covariance(directory: str, steps) -> list[str]:
     """Sigma and SGD spectra per checkpoint, and the traces (with the decomposition) against the step."""
-    loaded = _load_steps(directory, steps)
+    loaded = load_step_artifacts(directory, steps)
     if not loaded:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.cm.viridis(np.linspace(0, 1, len(loaded)))
     for (step, a), color in zip(loaded, colors):
@@ -362,22 +288,18 @@ def plot_covariance(directory: str, steps) -> list[str]:
         for i, part in enumerate(("data", "mask", "interaction", "total")):
             axes[1].plot(xs, [a["minibatch_traces"][i] for _, a in loaded], ".--",
                          label=f"minibatch {part} (B={int(loaded[0][1]['batch_size'])})")
-    axes[1].set(xlabel="training step N", ylabel="trace", yscale="log", title="noise traces")
-    _step_axis(axes[1], xs)
+    axes[1].set(ylabel="trace", yscale="log", title="noise traces")
+    step_axis(axes[1], xs)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(directory, "covariance.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, plt, directory, "covariance.png")]
 
 
 def plot_alignment(directory: str, steps) -> list[str]:
     """alpha vs training step with the Haar null band (mean ± 2 std); the projected-variance scatter."""
-    loaded = _load_steps(directory, steps)
+    loaded = load_step_artifacts(directory, steps)
     if not loaded:
         return []
-    plt, written = _pyplot(), []
+    plt, written = pyplot(), []
     xs = np.array([step for step, _ in loaded], np.float64)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, marker in (("dropout", "o"), ("sgd", "x")):
@@ -387,14 +309,10 @@ def plot_alignment(directory: str, steps) -> list[str]:
         line = ax.plot(xs, alpha, marker + "-", label=f"alpha(H, Sigma_{name})")[0]
         ax.fill_between(xs, mean - 2 * std, mean + 2 * std, color=line.get_color(), alpha=0.2,
                         label=f"Haar null ±2 std ({name})")
-    ax.set(xlabel="training step N", ylabel="alpha", title=f"alignment, H of {loaded[0][1]['hessian_label']}")
-    _step_axis(ax, xs)
+    ax.set(ylabel="alpha", title=f"alignment, H of {loaded[0][1]['hessian_label']}")
+    step_axis(ax, xs)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(directory, "alignment.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, plt, directory, "alignment.png"))
     step, a = loaded[-1]
     fig, ax = plt.subplots(figsize=(6, 4))
     lam = a["hessian_eigenvalues"]
@@ -411,11 +329,7 @@ def plot_alignment(directory: str, steps) -> list[str]:
                             f"{float(a[f'{name}_slope_high']):.2f}]")
     ax.set(xlabel="Hessian eigenvalue lambda_i", ylabel="u_i^T Sigma u_i", title=f"projected variance, step {step}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(directory, "projected_variance.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, plt, directory, "projected_variance.png"))
     return written
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from sme import weak_error
 from sme.analyses import Context, register
+from sme.analyses.common import fill_settings, pyplot, save_figure
 from sme.sweep import SME_DIR, load_cell
 
 DEFAULTS = dict(num_boot=0, level=0.95, plot_functions="R_S,L_S,sq_norm", max_lr=0.0)
@@ -102,27 +103,15 @@ def compute(workdir: str, *, num_boot: int, level: float, max_lr: float = 0.0) -
 def weak_error_analysis(ctx: Context, *, key) -> dict:
     """Weak error of the SME variants against dropout GD over an eps x keep_prob sweep, with orders."""
     del key  # deterministic: bootstrap draws are seeded by the cell index
-    unknown = sorted(set(ctx.settings) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"analysis weak_error: unknown settings {unknown}; allowed: {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **ctx.settings}
-    num_boot = int(s["num_boot"]) or int(ctx.run_config.get("sde", {}).get("num_boot", 1000))
-    out = compute(ctx.workdir, num_boot=num_boot, level=float(s["level"]), max_lr=float(s["max_lr"]))
+    s = fill_settings("weak_error", ctx.settings, DEFAULTS)
+    num_boot = s["num_boot"] or int(ctx.run_config.get("sde", {}).get("num_boot", 1000))
+    out = compute(ctx.workdir, num_boot=num_boot, level=s["level"], max_lr=s["max_lr"])
     out["max_lr"] = np.float64(s["max_lr"])
-    out["plot_functions"] = np.array(str(s["plot_functions"]))
+    out["plot_functions"] = np.array(s["plot_functions"])
     return out
 
 
 # --- Figures (read the artifact only) -------------------------------------------------------------
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot(directory: str, steps) -> list[str]:
@@ -157,7 +146,7 @@ def _log_axes(ax, lrs=None):
 
 def plot_trajectories(art: dict, directory: str) -> str:
     """Per keep_prob: mean +- 1 sd of each plotted function vs t, and the gap to dropout GD of the first."""
-    plt = _plt()
+    plt = pyplot()
     gs, names = _functions(art), [str(g) for g in art["g_names"]]
     variants = [str(v) for v in art["variants"]]
     keep_probs = art["keep_probs"]
@@ -191,11 +180,7 @@ def plot_trajectories(art: dict, directory: str) -> str:
         ax.set_xlabel("t = N eps", fontsize=7)
     axes[0, 0].legend(fontsize=6)
     axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
-    path = os.path.join(directory, "trajectories.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, directory, "trajectories.png", dpi=80)
 
 
 def _finite_keep_probs(art, j):
@@ -206,7 +191,7 @@ def _finite_keep_probs(art, j):
 def plot_vs_lr(art: dict, directory: str) -> str:
     """Weak error vs eps (log-log) per keep_prob and test function, with bootstrap bars, the MC floor
     (dotted) and the fitted slopes (over the resolved cells) in the legend. Hollow: not resolved."""
-    plt = _plt()
+    plt = pyplot()
     gs, names = _functions(art), [str(g) for g in art["g_names"]]
     keep_probs = _finite_keep_probs(art, gs[0])
     variants = [str(v) for v in art["variants"]]
@@ -239,17 +224,13 @@ def plot_vs_lr(art: dict, directory: str) -> str:
             ax.set_xlabel("eps", fontsize=7)
             ax.set_ylabel("weak error", fontsize=7)
             ax.legend(fontsize=5, title="fitted order [95% CI]", title_fontsize=5, loc="lower right")
-    fig.tight_layout()
-    path = os.path.join(directory, "weak_error_vs_lr.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, directory, "weak_error_vs_lr.png", dpi=80)
 
 
 def plot_vs_keep_prob(art: dict, directory: str) -> str:
     """Weak error of the first plotted function vs keep_prob at every eps, with the MC floor.
     Hollow: not resolved; diverged processes are left out."""
-    plt = _plt()
+    plt = pyplot()
     j = _functions(art)[0]
     lrs = np.unique(art["lr"])
     variants = [str(v) for v in art["variants"]]
@@ -274,8 +255,4 @@ def plot_vs_keep_prob(art: dict, directory: str) -> str:
         ax.set_xlabel("keep_prob p", fontsize=7)
     axes[0, 0].set_ylabel("weak error", fontsize=7)
     axes[0, 0].legend(fontsize=6)
-    fig.tight_layout()
-    path = os.path.join(directory, "weak_error_vs_keep_prob.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, directory, "weak_error_vs_keep_prob.png", dpi=80)

@@ -1,0 +1,142 @@
+"""Helpers shared by the analysis modules: settings, compilation keys, training data, artifacts, plots."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sme import losses
+from sme.analyses import Context
+from sme.dropout import num_droppable_units
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def cast_setting(name: str, key: str, value, default):
+    """A setting given as text (command line) or a number, as the type of its default.
+
+    bool accepts true/false/1/0 (any case); int accepts integral numbers ("3", 3.0); float any
+    number; anything else becomes ``str(value)``. Raises ValueError naming the analysis and key.
+    """
+    kind = type(default)
+    try:
+        if kind is bool:
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text in ("true", "1")
+        if kind is int:
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        return float(value) if kind is float else str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"analysis {name}: setting {key}={value!r} is not a {kind.__name__}") from None
+
+
+def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
+    """Defaults overridden by ``settings``; unknown keys or ill-typed values raise naming them."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"analysis {name}: unknown settings {unknown}; allowed: {sorted(defaults)}")
+    return {k: cast_setting(name, k, settings.get(k, d), d) for k, d in defaults.items()}
+
+
+# ----------------------------------------------------------------------------- analyses
+
+
+class BySpec:
+    """A Model compared by (spec, sites): `make_model` builds equal functions from equal specs,
+    so a run's checkpoints, and runs sharing an architecture, share compiled functions."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __hash__(self):
+        return hash((self.model.spec, self.model.sites))
+
+    def __eq__(self, other):
+        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
+
+
+def resolve_loss_kind(kind: str, model, loss: str, max_units: int) -> str:
+    """The concrete Hessian loss kind (a key of `sme.hessian.LOSS_KINDS`) for ``auto``; others pass through.
+
+    ``auto``: R_S (``risk``) without dropout, else the closed-form L_S = R_S + R_1 (``modified``; MSE,
+    last-layer dropout), else exact enumeration up to ``max_units`` droppable units
+    (``modified_exact``), else the Monte Carlo L_S (``modified_mc``).
+    """
+    if kind != "auto":
+        return kind
+    units = num_droppable_units(model.sites)
+    if units == 0:
+        return "risk"
+    try:
+        losses.check_closed_form(model, loss)
+        return "modified"
+    except ValueError:
+        return "modified_exact" if units <= max_units else "modified_mc"
+
+
+def param_dtype(params):
+    """The common floating dtype of a parameter pytree."""
+    return jnp.result_type(*jax.tree_util.tree_leaves(params))
+
+
+def train_subset(ctx: Context, num_examples: int, *, min_examples: int = 1):
+    """(x, y) of the first ``num_examples`` training examples (0: all) in the parameters' dtype."""
+    n = num_examples or ctx.dataset.num_train
+    if not min_examples <= n <= ctx.dataset.num_train:
+        raise ValueError(f"num_examples={num_examples} must be in [{min_examples}, {ctx.dataset.num_train}] "
+                         "(0 = all)")
+    dtype = param_dtype(ctx.params)
+    return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def load_step_artifacts(directory: str, steps) -> list[tuple[int, dict]]:
+    """(step, arrays) of ``step_XXXXXXXXX.npz`` (or unpadded ``step_N.npz``) in ``directory``,
+    ascending by step; steps without a file are skipped."""
+    out = []
+    for step in sorted({int(s) for s in steps}):
+        for name in (f"step_{step:09d}.npz", f"step_{step}.npz"):
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                with np.load(path, allow_pickle=False) as f:
+                    out.append((step, {k: f[k] for k in f.files}))
+                break
+    return out
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, plt, directory: str, name: str, *, dpi: int = 120) -> str:
+    """Lay out, write ``directory/name`` and close the figure; returns the path."""
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def step_axis(ax, steps) -> None:
+    """Label the training-step axis; log-spaced checkpoints (with step 0) read best on a symlog axis."""
+    ax.set_xlabel("training step N")
+    steps = np.asarray(steps, np.float64)
+    if steps.size and steps.max() > 20 * max(steps[steps > 0].min(initial=1.0), 1.0):
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0.0, right=steps.max() * 1.3)
