@@ -2,6 +2,7 @@
 
     python train.py                                   # configs/default.py -> runs/default
     python train.py --config=configs/smoke.py --workdir=/tmp/smoke
+    python train.py --config=configs/e2_noise.py:sgd      # a config's variant -> runs/e2_noise_sgd
     python train.py --config=configs/base.py --config.model.keep_prob=0.5 --config.optim.lr=0.05
 
 Re-running with the same --workdir resumes from the newest valid checkpoint.
@@ -17,6 +18,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run c
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 
 
+def default_run_name(config_arg: str) -> str:
+    """'configs/e2_noise.py:sgd' -> 'e2_noise_sgd'; 'configs/default.py' -> 'default'."""
+    path, _, variant = config_arg.partition(".py:")
+    name = os.path.splitext(os.path.basename(path if variant else config_arg))[0]
+    return f"{name}_{variant}" if variant else name
+
+
 def main(argv):
     del argv
     import jax
@@ -28,8 +36,8 @@ def main(argv):
     from sme import config as config_lib
     from sme.train.loop import NonFiniteLoss, run
 
-    workdir = _WORKDIR.value or os.path.join(
-        "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0])
+    workdir = _WORKDIR.value or os.path.join("runs", default_run_name(
+        config_flags.get_config_filename(flags.FLAGS["config"])))
     logging.info("workdir: %s", os.path.abspath(workdir))
     try:
         config_lib.check_fields(cfg, base.get_config())
