@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from sme import io
+from sme.analyses.common import step_axis
 from sme.analyses.runner import Request, analyse_run
 from sme.train import loop
 
@@ -114,8 +115,7 @@ def report_e2(out_dir) -> dict:
     ax.fill_between(steps, lo, hi, alpha=0.3, color="gray", label="Haar null, mean ± 2 sd")
     if sgd:
         ax.axhline(_num(sgd, "sgd_alpha"), ls="--", color="C1", label="SGD noise alpha (final, SGD run)")
-    ax.set_xscale("symlog", linthresh=max(steps[1] if len(steps) > 1 else 1, 1))
-    ax.set_xlabel("training step")
+    step_axis(ax, steps)
     ax.set_ylabel("alignment")
     ax.legend(fontsize=7)
     return {"figure": _save(plt, fig, out_dir, "e2_alignment.png"), "steps": steps, "dropout_alpha": alpha,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from sme import io
+from sme.analyses.common import step_axis
 
 MAX_PANELS = 8
 
@@ -59,9 +60,7 @@ def compare_runs(workdirs: list[str], names: list[str], out_dir: str) -> dict:
                 steps = sorted(series)
                 ax.plot(steps, [series[s] for s in steps], marker="o", ms=3, label=label)
             ax.set_title(key, fontsize=9)
-            ax.set_xlabel("step")
-            if len(steps) > 2 and steps[1] > 0 and steps[-1] / max(steps[1], 1) > 50:
-                ax.set_xscale("symlog", linthresh=max(steps[1], 1))
+            step_axis(ax, sorted({s for series in keys[key].values() for s in series}))
         for ax in list(axes.flat)[len(shown):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
