@@ -4,7 +4,7 @@
     python analyze.py --reproduce=tiny --report=/tmp/tiny      # the same pipeline in about a minute
 
 Each entry trains one config (resuming if its run directory already holds it) and runs the listed
-analyses on its checkpoints; `sme.reproduce` then writes the report (figures + report.json +
+analyses on its checkpoints (``steps``: one spec for all, or one per analysis); `sme.reproduce` then writes the report (figures + report.json +
 report.md). ``tiny`` shrinks every run (steps, widths, data) so the whole pipeline is testable.
 """
 
@@ -27,7 +27,8 @@ def _tiny(cfg):
 
 
 def get_plan(scale: str = "cpu") -> list[dict]:
-    """Runs as dicts: name, config (ConfigDict), analyses, steps, settings."""
+    """Runs as dicts: name, config (ConfigDict), analyses, steps ("all" | "last" | "0,100" or a dict
+    analysis -> such a spec), settings (analysis -> {setting: value})."""
     if scale not in ("cpu", "tiny"):
         raise ValueError(f"--reproduce={scale!r}: expected 'cpu' or 'tiny'")
     tiny = scale == "tiny"
@@ -37,7 +38,9 @@ def get_plan(scale: str = "cpu") -> list[dict]:
     traj = dict(num_components=6, num_boot=200) if tiny else dict(num_components=30)
     profile = dict(num_directions=2, num_points=11) if tiny else dict(num_directions=4, num_points=41)
     plan = [
-        dict(name="e2/dropout", config=e2_noise.get_config("dropout"), steps="all",
+        dict(name="e2/dropout", config=e2_noise.get_config("dropout"),
+             # alpha along training; the flatness fits only at the end (trajectory data do not depend on it)
+             steps=dict(alignment="all", covariance="all", flatness="last", trajectory_flatness="last"),
              analyses=("alignment", "covariance", "flatness", "trajectory_flatness"),
              settings=dict(alignment=light, covariance=dict(num_masks=16, sgd_examples=32, top_k=8) if tiny else {},
                            flatness=flat,

@@ -43,9 +43,13 @@ def run_plan(plan: list[dict], out_dir: str) -> dict:
         workdir = os.path.join(out_dir, "runs", entry["name"])
         logging.info("reproduce: training %s", entry["name"])
         loop.run(entry["config"], workdir)
-        if entry["analyses"]:
-            logging.info("reproduce: analysing %s (%s)", entry["name"], ", ".join(entry["analyses"]))
-            summary = analyse_run(workdir, Request(tuple(entry["analyses"]), entry["steps"], 0, entry["settings"]))
+        groups: dict[str, list[str]] = {}  # steps -> analyses ("steps" may be one spec or one per analysis)
+        for name in entry["analyses"]:
+            steps = entry["steps"].get(name, "all") if isinstance(entry["steps"], dict) else entry["steps"]
+            groups.setdefault(steps, []).append(name)
+        for steps, names in groups.items():
+            logging.info("reproduce: analysing %s (%s; steps %s)", entry["name"], ", ".join(names), steps)
+            summary = analyse_run(workdir, Request(tuple(names), steps, 0, entry["settings"]))
             for failure in summary.get("failures", []):
                 logging.error("reproduce: %s: %s", entry["name"], failure)
     report = write_report(out_dir)
