@@ -3,13 +3,23 @@
     python analyze.py --workdir=runs/default --analyses=hessian,covariance
     python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.k=20 \
         --compare=runs/compare
+    python analyze.py --workdir=runs/default --analyses=hessian,fisher --replica=all --batch_size=16
     python analyze.py --list
     python analyze.py --reproduce=cpu --report=reports/cpu     # E2-E6 end to end
 
 Each run's own config.json fixes the model and data; only analysis settings come
 from here (--set NAME.FIELD=VALUE, over the run's config.analysis block).
 Artifacts: <workdir>/analysis/<name>/step_<N>.npz, PNG figures beside them, and
-<workdir>/analysis/summary.json.
+<workdir>/analysis/summary.json. With --replica=all every replica of every selected
+checkpoint is analysed, into <workdir>/analysis/<name>/replica_<r>/step_<N>.npz (figures
+per replica directory; summary entries under "<name>/replica_<r>").
+
+Analyses that support it (hessian, hessian_density, fisher) run up to --batch_size
+checkpoints/replicas per call, vmapped and, with several devices, sharded over them
+(batch padded to a multiple of the device count); the keys are those of the
+one-at-a-time path (--batch_size=1), so the results agree up to float rounding. The default
+(0) batches one item per device when there are several devices and none on a single one, where
+batching compiles longer than it saves.
 """
 
 import ast
@@ -20,7 +30,10 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated).")
 _ANALYSES = flags.DEFINE_list("analyses", ["hessian"], "Analyses to run (comma-separated).")
 _STEPS = flags.DEFINE_string("steps", "all", "Checkpoint steps: all | last | comma-separated steps.")
-_REPLICA = flags.DEFINE_integer("replica", 0, "Which replica of a multi-replica run to analyse.")
+_REPLICA = flags.DEFINE_string("replica", "0", "Which replica of a multi-replica run to analyse, or 'all'.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Checkpoints/replicas per vmapped call of analyses that batch "
+                                   "(sharded over devices when there are several); 1 = one at a time; "
+                                   "0 = the device count when there are several, else 1.")
 _SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (Python literal).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk.")
 _LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
@@ -74,7 +87,8 @@ def main(argv):
                 jax.config.update("jax_enable_x64", True)
             settings = {name: {**(cfg.analysis[name].to_dict() if name in cfg.analysis else {}), **overrides.get(name, {})}
                         for name in _ANALYSES.value}
-            request = Request(tuple(_ANALYSES.value), _STEPS.value, _REPLICA.value, settings, _OVERWRITE.value)
+            request = Request(tuple(_ANALYSES.value), _STEPS.value, _REPLICA.value, settings, _OVERWRITE.value,
+                              _BATCH_SIZE.value)
             summary = analyse_run(workdir, request)
             print(f"{workdir}: wrote {workdir}/analysis ({', '.join(_ANALYSES.value)})")
             for failure in summary.get("failures", []):

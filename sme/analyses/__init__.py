@@ -7,6 +7,12 @@ settings) and returns arrays that the runner writes to
 steps) -> list[str]`` reads those npz files (never recomputes) and writes PNGs
 into the same directory. Keys come from `sme.rng.analysis_key(seed, name, step)`.
 
+An analysis may also register ``batch_fn(ctxs, *, keys) -> list[dict]``: the
+same results as ``[fn(ctx, key=k) for ctx, k in zip(ctxs, keys)]`` for contexts
+of one run (checkpoints and/or replicas), computed by one vmapped call (see
+`sme.analyses.common.batched`); the runner uses it to analyse several
+checkpoints at once.
+
 Analyses register themselves with `register`; modules are imported by
 `load_all()` so that importing `sme` stays free of side effects.
 """
@@ -60,6 +66,7 @@ class Context:
 
 
 AnalysisFn = Callable[..., dict]
+BatchFn = Callable[..., list]
 PlotFn = Callable[[str, list], list]
 
 
@@ -69,18 +76,19 @@ class Analysis:
     fn: AnalysisFn
     plot_fn: PlotFn | None
     doc: str
+    batch_fn: BatchFn | None = None
 
 
 REGISTRY: dict[str, Analysis] = {}
 
 
-def register(name: str, *, plot_fn: PlotFn | None = None):
-    """Decorator: ``@register("hessian", plot_fn=plot_hessian)`` on ``fn(ctx, *, key)``."""
+def register(name: str, *, plot_fn: PlotFn | None = None, batch_fn: BatchFn | None = None):
+    """Decorator: ``@register("hessian", plot_fn=plot_hessian, batch_fn=...)`` on ``fn(ctx, *, key)``."""
 
     def decorate(fn):
         if name in REGISTRY:
             raise ValueError(f"analysis {name!r} registered twice")
-        REGISTRY[name] = Analysis(name, fn, plot_fn, (fn.__doc__ or "").strip())
+        REGISTRY[name] = Analysis(name, fn, plot_fn, (fn.__doc__ or "").strip(), batch_fn)
         return fn
 
     return decorate

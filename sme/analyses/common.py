@@ -1,7 +1,8 @@
-"""Helpers shared by the analysis modules: settings, compilation keys, training data, artifacts, plots."""
+"""Helpers shared by the analysis modules: settings, compilation keys, training data, batching, artifacts, plots."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -95,6 +96,73 @@ def train_subset(ctx: Context, num_examples: int, *, min_examples: int = 1):
                          "(0 = all)")
     dtype = param_dtype(ctx.params)
     return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
+
+
+# ----------------------------------------------------------------------------- batching
+#
+# An analysis written as ``plan(ctx, key) -> (core, args, finish)`` (a cached jitted core, its
+# arguments, and host-side post-processing of the core's outputs) runs one context as
+# ``finish(core(*args))`` and many as `batched`: the cores' arguments stacked along a new leading
+# axis, one call of ``jit(vmap(core))``, and the same ``finish`` on each item's outputs.
+
+
+@functools.lru_cache(maxsize=32)
+def _vmapped(core, in_axes: tuple):
+    return jax.jit(jax.vmap(core, in_axes=in_axes))
+
+
+def shard_batch(tree):
+    """Split a pytree's leading axis over a ("batch",) mesh of all devices (unchanged on one device).
+
+    The axis length must be a multiple of the device count (`map_stacked` pads it).
+    """
+    devices = jax.devices()
+    if len(devices) < 2:
+        return tree
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+
+
+def map_stacked(core, items: list[tuple], in_axes: tuple) -> list:
+    """``[core(*item) for item in items]`` as ONE call of ``jit(vmap(core, in_axes))``.
+
+    Arguments with ``in_axes`` 0 (parameters, keys, per-item masks) are stacked along a new leading
+    axis; those with None must be the same for every item and are taken from the first. With several
+    devices the batch is padded to a multiple of the device count by repeating the last item (its
+    outputs are dropped) and split over them (`shard_batch`). Returns each item's outputs with
+    NumPy leaves. Equal to the one-at-a-time results up to float re-association.
+    """
+    if not items:
+        return []
+    padded = list(items) + [items[-1]] * (-len(items) % jax.device_count())
+    args = [items[0][i] if axis is None else
+            shard_batch(jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[item[i] for item in padded]))
+            for i, axis in enumerate(in_axes)]
+    out = jax.device_get(_vmapped(core, tuple(in_axes))(*args))
+    return [jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[j]), out) for j in range(len(items))]
+
+
+def batched(plan, in_axes: tuple):
+    """A ``batch_fn(ctxs, *, keys)`` from ``plan(ctx, key) -> (core, args, finish)`` (see above).
+
+    Every context must plan the same core (one run: same model, loss, mask mode and settings);
+    otherwise ValueError, and the caller analyses them one at a time.
+    """
+
+    def batch_fn(ctxs: list[Context], *, keys: list) -> list[dict]:
+        plans = [plan(ctx, key) for ctx, key in zip(ctxs, keys, strict=True)]
+        if len({core for core, _, _ in plans}) > 1:
+            raise ValueError("batched contexts must share one compiled core (same model, loss and settings)")
+        outs = map_stacked(plans[0][0], [args for _, args, _ in plans], in_axes) if plans else []
+        return [finish(out) for (_, _, finish), out in zip(plans, outs)]
+
+    return batch_fn
+
+
+def run_single(plan, ctx: Context, key) -> dict:
+    """One context's results: ``finish(core(*args))`` of ``plan(ctx, key)``."""
+    core, args, finish = plan(ctx, key)
+    return finish(core(*args))
 
 
 # ----------------------------------------------------------------------------- plots

@@ -49,7 +49,11 @@ units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
   dropout), ``num_params``, ``num_examples``, ``settings``.
 
 Jitted functions are cached per (architecture, loss, mask mode, loss kind,
-settings), so all checkpoints of a run share one compilation.
+settings), so all checkpoints of a run share one compilation. Each analysis
+also has a ``batch_fn`` (`sme.analyses.common.batched`): several checkpoints
+or replicas in one vmapped call of the same core (parameters, masks and keys
+per item), with the same post-processing, so the results equal the
+one-at-a-time ones up to float re-association.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ from jax.flatten_util import ravel_pytree
 from sme import hessian as hs
 from sme import lanczos, losses
 from sme.analyses import Context, common, register
-from sme.analyses.common import (BySpec, load_step_artifacts, pyplot, resolve_loss_kind, save_figure, step_axis,
-                                 train_subset)
+from sme.analyses.common import (BySpec, batched, load_step_artifacts, pyplot, resolve_loss_kind, run_single,
+                                 save_figure, step_axis, train_subset)
 from sme.dropout import sample_masks
 
 _LOSS_DEFAULTS = dict(
@@ -173,23 +177,31 @@ def _hessian_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order:
     return jax.jit(run)
 
 
-def hessian(ctx: Context, *, key) -> dict:
-    """Top/bottom Hessian eigenpairs with residuals, and Tr H by Hutchinson and Hutch++."""
+def _hessian_plan(ctx: Context, key):
     s = fill_settings("hessian", ctx.settings, HESSIAN_DEFAULTS)
     kind, x, y, masks, dim = _setup(ctx, s, key)
     order = min(s["order"], dim)
     if s["top_k"] > order or s["bottom_k"] > order or s["bottom_k"] < 0:
         raise ValueError(f"hessian: top_k={s['top_k']} and bottom_k={s['bottom_k']} must be in [0, order={order}]")
-    fn = _hessian_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
-    out = {k: np.asarray(v) for k, v in fn(ctx.params, x, y, masks, key).items()}
-    empty = np.zeros((0,), np.float64)
-    out.setdefault("bottom_values", empty)
-    out.setdefault("bottom_residuals", empty)
-    out.setdefault("trace_hutchpp", np.nan)
-    out.setdefault("trace_hutchpp_se", np.nan)
-    out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
-               order=order, settings=json.dumps(s, sort_keys=True))
-    return {k: np.asarray(v) for k, v in out.items()}
+
+    def finish(core_out) -> dict:
+        out = {k: np.asarray(v) for k, v in core_out.items()}
+        empty = np.zeros((0,), np.float64)
+        out.setdefault("bottom_values", empty)
+        out.setdefault("bottom_residuals", empty)
+        out.setdefault("trace_hutchpp", np.nan)
+        out.setdefault("trace_hutchpp_se", np.nan)
+        out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
+                   order=order, settings=json.dumps(s, sort_keys=True))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    core = _hessian_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    return core, (ctx.params, x, y, masks, key), finish
+
+
+def hessian(ctx: Context, *, key) -> dict:
+    """Top/bottom Hessian eigenpairs with residuals, and Tr H by Hutchinson and Hutch++."""
+    return run_single(_hessian_plan, ctx, key)
 
 
 # ----------------------------------------------------------------------------- density
@@ -210,23 +222,31 @@ def _density_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order:
     return jax.jit(run)
 
 
-def hessian_density(ctx: Context, *, key) -> dict:
-    """Hessian spectral density by stochastic Lanczos quadrature: raw nodes/weights and a smoothed density."""
+def _density_plan(ctx: Context, key):
     s = fill_settings("hessian_density", ctx.settings, DENSITY_DEFAULTS)
     kind, x, y, masks, dim = _setup(ctx, s, key)
     order = min(s["order"], dim)
-    fn = _density_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
-    nodes, weights = (np.asarray(a, np.float64) for a in fn(ctx.params, x, y, masks, key))
-    low, high = float(nodes.min()), float(nodes.max())
-    sigma = s["sigma_rel"] * max(high - low, 1e-12 * max(abs(high), 1.0))
-    grid = np.linspace(low - 5 * sigma, high + 5 * sigma, s["grid_size"])
-    density = np.asarray(lanczos.smooth_density(nodes, weights, grid, sigma))
-    per_probe = dim * np.sum(nodes * weights, axis=1)  # each probe's estimate of Tr H
-    se = np.std(per_probe, ddof=1) / math.sqrt(len(per_probe)) if len(per_probe) > 1 else np.nan
-    return {k: np.asarray(v) for k, v in dict(
-        nodes=nodes, weights=weights, grid=grid, density=density, sigma=sigma, trace_slq=per_probe.mean(),
-        trace_slq_se=se, loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim,
-        num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True)).items()}
+
+    def finish(core_out) -> dict:
+        nodes, weights = (np.asarray(a, np.float64) for a in core_out)
+        low, high = float(nodes.min()), float(nodes.max())
+        sigma = s["sigma_rel"] * max(high - low, 1e-12 * max(abs(high), 1.0))
+        grid = np.linspace(low - 5 * sigma, high + 5 * sigma, s["grid_size"])
+        density = np.asarray(lanczos.smooth_density(nodes, weights, grid, sigma))
+        per_probe = dim * np.sum(nodes * weights, axis=1)  # each probe's estimate of Tr H
+        se = np.std(per_probe, ddof=1) / math.sqrt(len(per_probe)) if len(per_probe) > 1 else np.nan
+        return {k: np.asarray(v) for k, v in dict(
+            nodes=nodes, weights=weights, grid=grid, density=density, sigma=sigma, trace_slq=per_probe.mean(),
+            trace_slq_se=se, loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim,
+            num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True)).items()}
+
+    core = _density_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    return core, (ctx.params, x, y, masks, key), finish
+
+
+def hessian_density(ctx: Context, *, key) -> dict:
+    """Hessian spectral density by stochastic Lanczos quadrature: raw nodes/weights and a smoothed density."""
+    return run_single(_density_plan, ctx, key)
 
 
 # ----------------------------------------------------------------------------- fisher
@@ -265,8 +285,7 @@ def _fisher_fn(by_spec: BySpec, loss: str, frozen, order: int):
     return jax.jit(run)
 
 
-def fisher(ctx: Context, *, key) -> dict:
-    """Traces and top eigenvalues of the empirical Fisher, true Fisher and Gauss-Newton matrix; R_1."""
+def _fisher_plan(ctx: Context, key):
     s = fill_settings("fisher", ctx.settings, FISHER_DEFAULTS)
     _fisher_kinds(s["kinds"])
     x, y = train_subset(ctx, s["num_examples"])
@@ -274,13 +293,22 @@ def fisher(ctx: Context, *, key) -> dict:
     order = min(s["order"], dim)
     if s["top_k"] > order:
         raise ValueError(f"fisher: top_k={s['top_k']} must be <= order={order}")
-    fn = _fisher_fn(BySpec(ctx.model), ctx.loss, _frozen(s), order)
-    out = {k: np.asarray(v) for k, v in fn(ctx.params, x, y, key).items()}
-    out.setdefault("r1", np.nan)
-    out.setdefault("r1_quadratic", np.nan)
-    out.update(keep_prob=ctx.model.sites[-1].keep_prob if ctx.model.sites else 1.0, num_params=dim,
-               num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True))
-    return {k: np.asarray(v) for k, v in out.items()}
+
+    def finish(core_out) -> dict:
+        out = {k: np.asarray(v) for k, v in core_out.items()}
+        out.setdefault("r1", np.nan)
+        out.setdefault("r1_quadratic", np.nan)
+        out.update(keep_prob=ctx.model.sites[-1].keep_prob if ctx.model.sites else 1.0, num_params=dim,
+                   num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    core = _fisher_fn(BySpec(ctx.model), ctx.loss, _frozen(s), order)
+    return core, (ctx.params, x, y, key), finish
+
+
+def fisher(ctx: Context, *, key) -> dict:
+    """Traces and top eigenvalues of the empirical Fisher, true Fisher and Gauss-Newton matrix; R_1."""
+    return run_single(_fisher_plan, ctx, key)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -359,6 +387,8 @@ def plot_fisher(directory: str, steps) -> list[str]:
     return [save_figure(fig, plt, directory, "fisher.png")]
 
 
-register("hessian", plot_fn=plot_hessian)(hessian)
-register("hessian_density", plot_fn=plot_hessian_density)(hessian_density)
-register("fisher", plot_fn=plot_fisher)(fisher)
+# Batched: parameters, masks (drawn from each item's key) and keys per item; x, y shared.
+register("hessian", plot_fn=plot_hessian, batch_fn=batched(_hessian_plan, (0, None, None, 0, 0)))(hessian)
+register("hessian_density", plot_fn=plot_hessian_density,
+         batch_fn=batched(_density_plan, (0, None, None, 0, 0)))(hessian_density)
+register("fisher", plot_fn=plot_fisher, batch_fn=batched(_fisher_plan, (0, None, None, 0)))(fisher)
