@@ -52,7 +52,11 @@ train.dtype         float32 | float64.
 train.snapshot_start    first step of the trajectory-snapshot window (-1 = no snapshots); the
                     raveled parameters at snapshot_start + k * snapshot_every go to snapshots.npz.
 train.snapshot_every    steps between snapshots (>= 1).
-analysis.*          per-analysis settings used by analyze.py (see each analysis' docstring).
+analysis.*          per-analysis settings used by analyze.py (see each analysis' docstring),
+                    e.g. analysis.hessian.top_k; empty here on purpose. The analyses' defaults live
+                    beside them (the *_DEFAULTS of sme/analyses/*.py, listed by `analyze.py --list`)
+                    rather than in this file: a run's config.json fixes what was trained, and a
+                    changed analysis default must neither alter it nor block resuming the run.
 sde.enabled         run the SME lockstep simulation (sme/sweep.py) instead of training: discrete
                     full-batch dropout GD beside its SDEs, R replicas each. Needs optim.name=sgd,
                     constant schedule, no weight decay, objective=dropout, train.batch_size=0.
