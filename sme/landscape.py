@@ -17,6 +17,17 @@ Mathematics and conventions
   its largest-magnitude entry is positive.
   Snapshot buffers are the caller's: pass the S x P stack (float32 suffices;
   the Gram eigenvalues are accurate to ~1e-7 of sigma_1^2 in float32).
+* **Drift modes of trajectory data** (`trend_fraction`): a PC whose coordinate
+  c_i(t) = u_i . (theta_t - mean) moves smoothly across the window is drift (the
+  path still converging or curving), not stationary fluctuation, and its window
+  variance does not estimate the noise's variance along u_i. Its trend fraction
+  is the share of sum_t c_i(t)^2 captured by Legendre polynomials of degree
+  1..``degree`` in t (least squares, t spread uniformly over [-1, 1]): 1 for an
+  exact polynomial drift, about degree / (S - 1) for white noise, and large also
+  for a stationary mode whose correlation time is not short against the window
+  (it is not sampled either). Feng & Tu exclude PC 1 as the drift mode; the
+  trajectory analysis also leaves out every PC whose trend fraction is above a
+  threshold.
 * **Interval flatness** F_i along a direction u at theta* (Feng & Tu; arXiv
   2305.15850 uses c = 2, Feng & Tu c = e, both are reported): the width
   F = s_+ + s_- of the interval (-s_-, s_+) around s = 0 on which
@@ -155,6 +166,38 @@ def pca(data: jax.Array, *, num_components: int | None = None) -> PCA:
     peak = jnp.take_along_axis(directions, jnp.argmax(jnp.abs(directions), axis=1)[:, None], axis=1)
     directions = directions * jnp.where(peak < 0, -1.0, 1.0).astype(directions.dtype)
     return PCA(jnp.maximum(evals, 0.0), directions, mean)
+
+
+def trend_fraction(data: jax.Array, directions: jax.Array, *, degree: int = 4) -> jax.Array:
+    """Share of each PC coordinate's variance that is a smooth trend in time.
+
+    Args:
+      data: (S, P) samples in time order (a trajectory window).
+      directions: (k, P) unit directions (e.g. `pca(data).directions`).
+      degree: Legendre degrees 1..degree span the trend (static; 1 <= degree <= S - 2).
+
+    Returns:
+      (k,) fractions in [0, 1]: ||Q^T c_i||^2 / ||c_i||^2 with c_i = (data - mean) u_i and
+      Q an orthonormal basis of the degree-1..degree Legendre polynomials at the S
+      times (c_i is centred, so the constant is left out). 0 where c_i = 0.
+
+    Cost: O(S P k) for the coordinates plus an S x degree QR.
+    """
+    if data.ndim != 2 or directions.ndim != 2 or directions.shape[1] != data.shape[1]:
+        raise ValueError(f"trend_fraction: data (S, P) and directions (k, P) expected, got "
+                         f"{data.shape} and {directions.shape}")
+    num_samples = data.shape[0]
+    if int(degree) != degree or not 1 <= degree <= num_samples - 2:
+        raise ValueError(f"trend_fraction: degree={degree} must be an integer in [1, {num_samples - 2}] "
+                         f"for {num_samples} samples")
+    t = np.linspace(-1.0, 1.0, num_samples)
+    basis = np.polynomial.legendre.legvander(t, int(degree))[:, 1:]
+    basis = basis - basis.mean(axis=0)  # orthogonal to the constant on the discrete grid too
+    q = jnp.asarray(np.linalg.qr(basis)[0], data.dtype)  # (S, degree)
+    coords = (data - jnp.mean(data, axis=0)) @ directions.T.astype(data.dtype)  # (S, k)
+    total = jnp.sum(coords**2, axis=0)
+    trend = jnp.sum((q.T @ coords) ** 2, axis=0)
+    return jnp.where(total > 0, trend / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def _axpy(params, s, direction):

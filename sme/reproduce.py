@@ -150,10 +150,12 @@ def report_e3(out_dir) -> dict:
         for ax, (title, arrays) in zip(axes, panels):
             k = arrays["width"].shape[1]
             var, width = arrays["variances"][:k], arrays["width"][0]
-            ok = ~arrays["capped"][0].astype(bool)
-            ax.loglog(width[ok][1:], var[:k][ok][1:], "o", ms=3)
-            ax.loglog(width[:1], var[:1], "x", color="red", label="PC 1 (excluded)")
+            excluded = arrays["excluded"].astype(bool) if "excluded" in arrays else np.arange(k) < 1
+            used = ~arrays["capped"][0].astype(bool) & ~excluded
+            ax.loglog(width[used], var[used], "o", ms=3)
+            ax.loglog(width[excluded], var[excluded], "x", color="red", label="drift PCs (excluded)")
             ax.set_title(f"{title}\npsi(c=2) = {_num(arrays, 'psi_c2'):.2f}", fontsize=8)
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on short decades
             ax.set_xlabel("interval flatness F_i (c = 2)")
             ax.set_ylabel("variance sigma_i^2")
             ax.legend(fontsize=6)

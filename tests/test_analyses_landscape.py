@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sme import losses
+from sme import landscape, losses
 from sme.analyses import REGISTRY, Context
 from sme.analyses import landscape as la
 from sme.data import Dataset
@@ -131,6 +131,42 @@ def test_trajectory_flatness_reads_snapshots(tmp_path):
     ctx_cfg = _context(settings=dict(settings, reference="mean"), run_config={"workdir": str(tmp_path)})
     mean_ref = la.trajectory_flatness(ctx_cfg, key=jax.random.key(0))
     _check_crossings(ctx_cfg, mean_ref, stack.mean(0).astype(np.float32))
+
+
+def test_trajectory_flatness_leaves_out_drift_modes(tmp_path):
+    """A smooth drift along one coordinate becomes PC 2 and is excluded by the trend rule only."""
+    ctx = _context(tmp_path, settings=dict(num_components=8, num_excluded=0, num_boot=200))
+    flat = np.asarray(ravel_pytree(ctx.params)[0])
+    rng = np.random.default_rng(2)
+    num = 60
+    noise = rng.normal(size=(num, flat.size)) * np.geomspace(1e-1, 1e-3, flat.size)
+    noise[:, 0] *= 3.0  # coordinate 0: white noise of variance 0.09, PC 1
+    t = np.linspace(-1.0, 1.0, num)
+    noise[:, 5] = 0.5 * t**2  # coordinate 5: a parabola, variance 0.25 * 4/45 ~ 0.022, PC 2
+    np.savez(os.path.join(tmp_path, "snapshots.npz"), params=(flat + noise).astype(np.float32))
+    result = la.trajectory_flatness(ctx, key=jax.random.key(0))
+    trend = result["trend_fraction"]
+    assert abs(result["directions"][1][5]) > 0.99  # PC 2 is the drift coordinate
+    assert trend[1] > 0.99  # its coordinate is the parabola (rounded to float32)
+    # The white-noise PCs have trend fractions ~ 4 / 59 (Beta(2, 27.5): P(> 0.5) < 1e-6).
+    assert np.all(np.delete(trend, 1) < 0.5)
+    np.testing.assert_array_equal(result["excluded"], np.arange(8) == 1)
+    # The fit is the plain fit of the kept points.
+    usable = result["resolved"] & ~result["excluded"] & ~result["capped"][0]
+    fit = landscape.variance_flatness_fit(result["variances"][:8], result["width"][0], num_excluded=0,
+                                          valid=usable, num_boot=200)
+    np.testing.assert_allclose(result["psi_c2"], fit.psi, rtol=1e-12)
+    assert result["num_fit_points_c2"] == usable.sum()
+    # max_trend = 1 turns the rule off; num_excluded still drops leading PCs.
+    off = la.trajectory_flatness(_context(tmp_path, settings=dict(num_components=8, num_excluded=1,
+                                                                 max_trend=1.0, num_boot=200)),
+                                 key=jax.random.key(0))
+    np.testing.assert_array_equal(off["excluded"], np.arange(8) == 0)
+    for bad, message in ((dict(max_trend=0.0), "max_trend=0.0 must be in"),
+                         (dict(trend_degree=59), "trend_degree=59 must be in \\[1, 58\\]")):
+        with pytest.raises(ValueError, match=message):
+            la.trajectory_flatness(_context(tmp_path, settings=dict(num_components=3, **bad)),
+                                   key=jax.random.key(0))
 
 
 def test_trajectory_flatness_replica_axis_skip_and_errors(tmp_path):

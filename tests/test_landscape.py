@@ -222,6 +222,53 @@ def test_trajectory_flatness_on_designed_snapshots():
         np.testing.assert_allclose(default.width, expected.width, rtol=1e-12)  # reference = last row
 
 
+def test_trend_fraction_matches_least_squares_and_its_white_noise_mean():
+    """Against an independent dense fit, and against E = degree / (S - 1) for white noise."""
+    num_samples, dim, degree = 200, 400, 4
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        t = np.linspace(-1.0, 1.0, num_samples)
+        # Drift along e_0 (a cubic in t) and e_1 (a parabola) plus white noise everywhere.
+        noise = rng.normal(size=(num_samples, dim))
+        data = noise.copy()
+        data[:, 0] += 100.0 * t**3
+        data[:, 1] += 100.0 * t**2
+        # Random orthonormal rows whose first two are +-e_0 and +-e_1 (QR keeps leading spans).
+        basis = rng.normal(size=(dim, dim))
+        basis[:, :2] = np.eye(dim)[:, :2]
+        directions = np.linalg.qr(basis)[0].T
+        got = np.asarray(landscape.trend_fraction(jnp.asarray(data), jnp.asarray(directions), degree=degree))
+        # Dense reference: R^2 of regressing each centred coordinate on [1, t, ..., t^degree].
+        coords = (data - data.mean(0)) @ directions.T
+        vander = np.vander(t, degree + 1)
+        fitted = vander @ np.linalg.lstsq(vander, coords, rcond=None)[0]
+        want = np.sum(fitted**2, axis=0) / np.sum(coords**2, axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)  # same projection, float64
+        assert got[0] > 0.99 and got[1] > 0.99  # drift variance >= 1e4 * 4/45 ~ 900 x the noise: ~0.999
+        # White-noise coordinates: the centred vector is isotropic in the (S - 1)-dim complement
+        # of the constant, so its trend fraction is Beta(d/2, (S-1-d)/2) with mean d / (S - 1).
+        # The remaining directions are orthonormal, so their coordinates are independent: the
+        # mean of dim - 2 of them is within 5 standard errors of d / (S - 1).
+        white = got[2:]
+        mean = degree / (num_samples - 1)
+        var = mean * (1 - mean) / ((num_samples - 1) / 2 + 1)
+        assert abs(white.mean() - mean) < 5 * np.sqrt(var / white.size)
+        # An exact polynomial of degree <= d is all trend; a constant coordinate has fraction 0.
+        poly = np.outer(2.0 * t**4 - t, directions[5]) + 1.0
+        np.testing.assert_allclose(landscape.trend_fraction(jnp.asarray(poly), jnp.asarray(directions[5:6]),
+                                                            degree=degree), [1.0], rtol=1e-12)
+        flat = np.ones((num_samples, dim))
+        assert float(landscape.trend_fraction(jnp.asarray(flat), jnp.asarray(directions[:1]))[0]) == 0.0
+
+
+def test_trend_fraction_bad_input():
+    data, directions = jnp.zeros((6, 3)), jnp.eye(3)
+    with pytest.raises(ValueError, match="degree=5 must be an integer in \\[1, 4\\]"):
+        landscape.trend_fraction(data, directions, degree=5)
+    with pytest.raises(ValueError, match="directions \\(k, P\\)"):
+        landscape.trend_fraction(data, jnp.eye(4))
+
+
 # ------------------------------------------------------------------------ psi fit
 
 

@@ -19,8 +19,11 @@ JSON string ``settings``):
   from ``<workdir>/<filename>`` (default ``snapshots.npz``), key ``params`` of
   shape (S, P) (or (R, S, P), replica axis first; float32), optional ``steps``
   (S,). theta* is the ``reference``: ``last`` snapshot, window ``mean``, or the
-  ``checkpoint``'s parameters. The window does not depend on the checkpoint:
-  request it for one step. Skipped (key ``skipped`` holds the reason) when there
+  ``checkpoint``'s parameters. Besides the first ``num_excluded`` PCs, every PC
+  whose trend fraction (`sme.landscape.trend_fraction`, Legendre degree
+  ``trend_degree``) exceeds ``max_trend`` is drift, not fluctuation, and is left
+  out of the fit. The window does not depend on the checkpoint: request it for
+  one step. Skipped (key ``skipped`` holds the reason) when there
   is no workdir or no snapshot file.
 * ``profile`` — filter-normalised 1-D profiles (Li et al. 2018):
   ``objective`` on the training set and R_S on the test set along
@@ -35,6 +38,7 @@ Artifact keys (flatness, trajectory_flatness): ``variances`` (all PCs),
 ``directions`` (k, P) float32, ``factors`` (2,) = (2, e), ``width``/``left``/
 ``right``/``capped`` (2, k), ``resolved`` (k,) (variance above 100 eps sigma_1^2,
 the Gram route's noise floor; unresolved and capped points are not fitted),
+``excluded`` (k,) (left out as drift), ``trend_fraction`` (k,) (trajectory only),
 ``loss_star``, and per factor (suffix ``c2``,
 ``ce``) the scalars ``psi``, ``psi_low``, ``psi_high``, ``intercept``,
 ``spearman``, ``num_fit_points`` (NaN with ``fit_error_<c>`` when fewer than 3
@@ -86,7 +90,11 @@ FLATNESS_DEFAULTS = dict(
     batch_size=0,  # minibatch noise: batch size; 0 = the run's train.batch_size
     chunk_size=16,  # gradient rows vmapped at once (memory bound)
 )
-TRAJECTORY_DEFAULTS = dict(_SEARCH_DEFAULTS, filename="snapshots.npz", reference="last")
+TRAJECTORY_DEFAULTS = dict(
+    _SEARCH_DEFAULTS, filename="snapshots.npz", reference="last",
+    max_trend=0.5,  # PCs whose trend fraction exceeds this are drift, left out of the fit (1: rule off)
+    trend_degree=4,  # Legendre degrees 1..trend_degree span the trend (landscape.trend_fraction)
+)
 PROFILE_DEFAULTS = dict(
     objective="risk", num_loss_masks=16, num_examples=0,
     num_directions=4,  # random filter-normalised directions
@@ -154,7 +162,9 @@ def _flatness_fn(by_spec: BySpec, loss, mode, frozen, from_gradients: bool):
         comps, flat_res = landscape.pca_flatness(
             rows, lambda v: objective(unravel(v)), flat, num_components=s["num_components"],
             search=_search(s))
-        return comps.variances, comps.directions[: s["num_components"]], flat_res
+        directions = comps.directions[: s["num_components"]]
+        trend = None if from_gradients else landscape.trend_fraction(rows, directions, degree=s["trend_degree"])
+        return comps.variances, directions, flat_res, trend
 
     return jax.jit(run)
 
@@ -164,13 +174,13 @@ def _flatness_fn(by_spec: BySpec, loss, mode, frozen, from_gradients: bool):
 RESOLVED_EPS = 100
 
 
-def _fit_entries(variances, result, resolved, s) -> dict:
+def _fit_entries(variances, result, usable, s) -> dict:
     out = {}
     for i, tag in enumerate(FACTOR_NAMES):
         try:
             fit = landscape.variance_flatness_fit(
-                variances[: len(resolved)], result.width[i], num_excluded=s["num_excluded"],
-                valid=resolved & ~result.capped[i], num_boot=s["num_boot"], level=s["level"])
+                variances[: len(usable)], result.width[i], num_excluded=0,
+                valid=usable & ~result.capped[i], num_boot=s["num_boot"], level=s["level"])
             values = fit._asdict()
         except ValueError as err:
             values = {f: math.nan for f in landscape.PsiFit._fields}
@@ -181,17 +191,22 @@ def _fit_entries(variances, result, resolved, s) -> dict:
     return out
 
 
-def _flatness_result(variances, directions, result, s) -> dict:
+def _flatness_result(variances, directions, result, trend, s) -> dict:
     dtype = directions.dtype
     variances = np.asarray(variances, np.float64)
     result = landscape.Flatness(*(np.asarray(a) for a in result))
     k = result.width.shape[1]
     resolved = variances[:k] > RESOLVED_EPS * np.finfo(dtype).eps * variances[0]
+    excluded = np.arange(k) < s["num_excluded"]
     out = dict(variances=variances, directions=np.asarray(directions, np.float32),
                factors=np.asarray(landscape.FACTORS), width=result.width, left=result.left,
                right=result.right, capped=result.capped, resolved=resolved, loss_star=result.loss,
                settings=json.dumps(s, sort_keys=True))
-    out.update(_fit_entries(variances, result, resolved, s))
+    if trend is not None:
+        out["trend_fraction"] = trend = np.asarray(trend, np.float64)
+        excluded = excluded | (trend > s["max_trend"])
+    out["excluded"] = excluded
+    out.update(_fit_entries(variances, result, resolved & ~excluded, s))
     return out
 
 
@@ -257,6 +272,11 @@ def trajectory_flatness(ctx: Context, *, key) -> dict:
     if rows.shape[1] != flat.shape[0]:
         raise ValueError(f"{path}: snapshots have {rows.shape[1]} parameters but the model has {flat.shape[0]}")
     _check_rows(s, rows.shape[0], rows.shape[1], "snapshots")
+    if not 0 < s["max_trend"] <= 1:
+        raise ValueError(f"analysis trajectory_flatness: max_trend={s['max_trend']} must be in (0, 1]")
+    if not 1 <= s["trend_degree"] <= rows.shape[0] - 2:
+        raise ValueError(f"analysis trajectory_flatness: trend_degree={s['trend_degree']} must be in "
+                         f"[1, {rows.shape[0] - 2}] for {rows.shape[0]} snapshots")
     reference = {"last": rows[-1], "mean": jnp.mean(rows, axis=0), "checkpoint": flat}[s["reference"]]
     x, y = train_subset(ctx, s["num_examples"])
     fn = _flatness_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), False)
@@ -315,7 +335,10 @@ def _plot_flatness_kind(prefix: str, title: str):
             fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
             k = a["width"].shape[1]
             var = a["variances"][:k]
-            fitted = np.arange(k) >= json.loads(str(a["settings"]))["num_excluded"]
+            if "excluded" in a:
+                fitted = ~a["excluded"].astype(bool)
+            else:  # artifacts written before the trend rule
+                fitted = np.arange(k) >= json.loads(str(a["settings"]))["num_excluded"]
             for i, (ax, tag) in enumerate(zip(axes, FACTOR_NAMES)):
                 w, capped = a["width"][i], a["capped"][i]
                 used = fitted & ~capped & a["resolved"]
