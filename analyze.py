@@ -14,7 +14,7 @@ Artifacts: <workdir>/analysis/<name>/step_<N>.npz, PNG figures beside them, and
 checkpoint is analysed, into <workdir>/analysis/<name>/replica_<r>/step_<N>.npz (figures
 per replica directory; summary entries under "<name>/replica_<r>").
 
-Analyses that support it (hessian, hessian_density, fisher) run up to --batch_size
+Analyses that support it (hessian, hessian_density, fisher, covariance, alignment) run up to --batch_size
 checkpoints/replicas per call, vmapped and, with several devices, sharded over them
 (batch padded to a multiple of the device count); the keys are those of the
 one-at-a-time path (--batch_size=1), so the results agree up to float rounding. The default

@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_analyses_curvature import _context  # noqa: E402
 
 SETTINGS = {"hessian": dict(order=20, top_k=3, bottom_k=1, num_probes=4, hutchpp_sketch=2),
-            "fisher": dict(order=10, top_k=2, num_examples=100)}
+            "fisher": dict(order=10, top_k=2, num_examples=100),
+            "covariance": dict(num_masks=4, top_k=2, sgd_examples=16, decomposition_masks=2,
+                               decomposition_examples=8)}
 
 
 def assert_same_results(one, many, *, err=""):
@@ -60,6 +62,27 @@ def test_batch_fn_equals_one_at_a_time(name, settings, mask_mode):
     assert len(batched) == 3
     for i, (ctx, key) in enumerate(zip(ctxs, keys)):
         assert_same_results(REGISTRY[name].fn(ctx, key=key), batched[i], err=f"{name} item {i}")
+
+
+@pytest.mark.parametrize("name, settings, loss", [
+    # SGD rows and decomposition examples are subsets drawn from each item's key: batched with it
+    ("covariance", dict(num_masks=4, top_k=2, sgd_examples=6, decomposition_masks=4, decomposition_examples=6),
+     "mse"),
+    ("alignment", dict(num_masks=4, top_k=3, sgd_examples=6, num_boot=50), "mse"),  # dense Hessian path
+    # Lanczos path, and the Monte Carlo L_S whose Hessian masks come from each item's key
+    ("alignment", dict(num_masks=4, top_k=3, sgd_examples=6, num_boot=50, dense_max_params=1, lanczos_order=12,
+                       num_probes=4, max_enumerated_units=0, hessian_masks=3), "cross_entropy"),
+])
+def test_noise_batch_fn_equals_one_at_a_time(name, settings, loss):
+    from test_analyses_noise import _context as noise_context
+
+    with jax.enable_x64(True):
+        ctxs = [noise_context(loss=loss, settings=settings, step=s, params_seed=s + 1) for s in range(3)]
+        keys = [jax.random.key(20 + s) for s in range(3)]
+        batched = REGISTRY[name].batch_fn(ctxs, keys=keys)
+        assert len(batched) == 3
+        for i, (ctx, key) in enumerate(zip(ctxs, keys)):
+            assert_same_results(REGISTRY[name].fn(ctx, key=key), batched[i], err=f"{name} item {i}")
 
 
 def test_batch_fn_rejects_contexts_of_different_settings():
@@ -173,7 +196,7 @@ def test_failed_batch_is_retried_one_at_a_time_and_corrupt_steps_are_skipped(two
 
 @pytest.mark.slow
 def test_sharded_over_devices_equals_one_device(two_replica_run, tmp_path, root):
-    args = ["--analyses=hessian,fisher", "--replica=all", "--batch_size=6", "--steps=0,20,40"]
+    args = ["--analyses=hessian,fisher,covariance", "--replica=all", "--batch_size=6", "--steps=0,20,40"]
     args += [f"--set={name}.{k}={v}" for name, s in SETTINGS.items() for k, v in s.items()]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     runs = {}

@@ -54,7 +54,11 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   positive pairs, e.g. without dropout).
 
 Jitted functions are cached per (architecture, loss, mask mode, settings), so
-the checkpoints of a run compile once.
+the checkpoints of a run compile once. Both analyses also have a ``batch_fn``
+(`sme.analyses.common.batched`): several checkpoints or replicas in one vmapped
+call of the same core (parameters, subsets, masks and keys per item), with the
+same post-processing, so the results equal the one-at-a-time ones up to float
+re-association.
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ from jax.flatten_util import ravel_pytree
 from sme import covariance as cv
 from sme import grads, hessian, relations
 from sme.analyses import Context, register
-from sme.analyses.common import (BySpec, fill_settings, load_step_artifacts, pyplot, resolve_loss_kind, save_figure,
-                                 step_axis, train_subset)
+from sme.analyses.common import (BySpec, batched, fill_settings, load_step_artifacts, pyplot, resolve_loss_kind,
+                                 run_single, save_figure, step_axis, train_subset)
 from sme.dropout import sample_masks
 
 COVARIANCE_DEFAULTS = dict(
@@ -148,8 +152,7 @@ def _covariance_fn(by_spec: BySpec, loss: str, mode: str, frozen):
     return jax.jit(run)
 
 
-def covariance(ctx: Context, *, key) -> dict:
-    """Spectrum, trace and Frobenius norm of Sigma_K and of the SGD noise; minibatch noise decomposition."""
+def _covariance_plan(ctx: Context, key):
     s = fill_settings("covariance", ctx.settings, COVARIANCE_DEFAULTS)
     if not 1 <= s["top_k"] <= s["num_masks"] or s["num_masks"] < 2:
         raise ValueError(f"covariance: need 2 <= num_masks and 1 <= top_k <= num_masks, got {s}")
@@ -161,18 +164,26 @@ def covariance(ctx: Context, *, key) -> dict:
     dec_idx = _subset(jax.random.fold_in(key, 3), n, s["decomposition_examples"], "decomposition_examples")
     if s["top_k"] > len(sgd_idx):
         raise ValueError(f"covariance: top_k={s['top_k']} exceeds the {len(sgd_idx)} SGD examples")
-    fn = _covariance_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
-    out = {k: np.asarray(v, np.float64) for k, v in fn(
-        ctx.params, x, y, x[sgd_idx], y[sgd_idx], x[dec_idx], y[dec_idx], key).items()}
-    out["sigma_effective_rank"] = out["sigma_trace"] ** 2 / max(out["sigma_frobenius"] ** 2, 1e-300)
     batch = _run_batch_size(ctx, s["batch_size"], n)
-    if "component_traces" in out:
-        factors = cv.minibatch_factors(batch_size=batch, num_examples=n, mode=ctx.mask_mode)
-        parts = np.asarray(factors) * out["component_traces"]
-        out["minibatch_traces"] = np.append(parts, parts.sum())
-    out.update(batch_size=np.asarray(batch), num_masks=np.asarray(s["num_masks"]),
-               mask_mode=np.asarray(ctx.mask_mode), settings=np.asarray(json.dumps(s, sort_keys=True)))
-    return out
+
+    def finish(core_out) -> dict:
+        out = {k: np.asarray(v, np.float64) for k, v in core_out.items()}
+        out["sigma_effective_rank"] = out["sigma_trace"] ** 2 / max(out["sigma_frobenius"] ** 2, 1e-300)
+        if "component_traces" in out:
+            factors = cv.minibatch_factors(batch_size=batch, num_examples=n, mode=ctx.mask_mode)
+            parts = np.asarray(factors) * out["component_traces"]
+            out["minibatch_traces"] = np.append(parts, parts.sum())
+        out.update(batch_size=np.asarray(batch), num_masks=np.asarray(s["num_masks"]),
+                   mask_mode=np.asarray(ctx.mask_mode), settings=np.asarray(json.dumps(s, sort_keys=True)))
+        return out
+
+    core = _covariance_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    return core, (ctx.params, x, y, x[sgd_idx], y[sgd_idx], x[dec_idx], y[dec_idx], key), finish
+
+
+def covariance(ctx: Context, *, key) -> dict:
+    """Spectrum, trace and Frobenius norm of Sigma_K and of the SGD noise; minibatch noise decomposition."""
+    return run_single(_covariance_plan, ctx, key)
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -233,8 +244,7 @@ def _fit_entries(prefix: str, eigenvalues, projected, s) -> dict:
     return {f"{prefix}_{name}": value for name, value in zip(names, values)}
 
 
-def alignment(ctx: Context, *, key) -> dict:
-    """alpha(H, Sigma) with Haar/Wishart nulls and projected variance vs Hessian eigenvalue, dropout and SGD."""
+def _alignment_plan(ctx: Context, key):
     s = fill_settings("alignment", ctx.settings, ALIGNMENT_DEFAULTS)
     x, y = train_subset(ctx, s["num_examples"], min_examples=2)
     n = x.shape[0]
@@ -247,20 +257,28 @@ def alignment(ctx: Context, *, key) -> dict:
         shape = (s["hessian_masks"],) if ctx.mask_mode == "shared" else (s["hessian_masks"], n)
         hmasks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 2), batch_shape=shape, dtype=x.dtype)
     sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
-    fn = _alignment_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, dim <= s["dense_max_params"],
-                       tuple(sorted(s.items())))
-    out = {k: np.asarray(v, np.float64) for k, v in fn(
-        ctx.params, x, y, hmasks, x[sgd_idx], y[sgd_idx], key).items()}
-    for name, rank in (("dropout", s["num_masks"] - 1), ("sgd", len(sgd_idx) - 1)):
-        haar = relations.haar_null(out["hessian_trace"], out["hessian_frobenius"], out[f"{name}_sigma_trace"],
-                                   out[f"{name}_sigma_frobenius"], dim)
-        wishart = relations.wishart_null(out["hessian_trace"], out["hessian_frobenius"], dim, rank)
-        out.update({f"{name}_null_haar_mean": haar.mean, f"{name}_null_haar_std": haar.std,
-                    f"{name}_null_wishart_mean": wishart.mean, f"{name}_null_wishart_std": wishart.std})
-        out.update(_fit_entries(name, out["hessian_eigenvalues"], out[f"{name}_projected_variance"], s))
-    out.update(hessian_of=kind, hessian_label=hessian.LOSS_KINDS[kind], num_params=dim,
-               settings=json.dumps(s, sort_keys=True))
-    return {k: np.asarray(v) for k, v in out.items()}
+
+    def finish(core_out) -> dict:
+        out = {k: np.asarray(v, np.float64) for k, v in core_out.items()}
+        for name, rank in (("dropout", s["num_masks"] - 1), ("sgd", len(sgd_idx) - 1)):
+            haar = relations.haar_null(out["hessian_trace"], out["hessian_frobenius"],
+                                       out[f"{name}_sigma_trace"], out[f"{name}_sigma_frobenius"], dim)
+            wishart = relations.wishart_null(out["hessian_trace"], out["hessian_frobenius"], dim, rank)
+            out.update({f"{name}_null_haar_mean": haar.mean, f"{name}_null_haar_std": haar.std,
+                        f"{name}_null_wishart_mean": wishart.mean, f"{name}_null_wishart_std": wishart.std})
+            out.update(_fit_entries(name, out["hessian_eigenvalues"], out[f"{name}_projected_variance"], s))
+        out.update(hessian_of=kind, hessian_label=hessian.LOSS_KINDS[kind], num_params=dim,
+                   settings=json.dumps(s, sort_keys=True))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    core = _alignment_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, dim <= s["dense_max_params"],
+                         tuple(sorted(s.items())))
+    return core, (ctx.params, x, y, hmasks, x[sgd_idx], y[sgd_idx], key), finish
+
+
+def alignment(ctx: Context, *, key) -> dict:
+    """alpha(H, Sigma) with Haar/Wishart nulls and projected variance vs Hessian eigenvalue, dropout and SGD."""
+    return run_single(_alignment_plan, ctx, key)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -333,5 +351,8 @@ def plot_alignment(directory: str, steps) -> list[str]:
     return written
 
 
-register("covariance", plot_fn=plot_covariance)(covariance)
-register("alignment", plot_fn=plot_alignment)(alignment)
+# Per-item arguments (in_axes 0): parameters, the SGD/decomposition subsets and the Hessian's
+# masks (drawn from each item's key), and the key; the training data are shared (None).
+register("covariance", plot_fn=plot_covariance,
+         batch_fn=batched(_covariance_plan, (0, None, None, 0, 0, 0, 0, 0)))(covariance)
+register("alignment", plot_fn=plot_alignment, batch_fn=batched(_alignment_plan, (0, None, None, 0, 0, 0, 0)))(alignment)
