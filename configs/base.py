@@ -60,7 +60,8 @@ analysis.*          per-analysis settings used by analyze.py (see each analysis'
 sde.enabled         run the SME lockstep simulation (sme/sweep.py) instead of training: discrete
                     full-batch dropout GD beside its SDEs, R replicas each. Needs optim.name=sgd,
                     constant schedule, no weight decay, objective=dropout, train.batch_size=0.
-sde.variants        comma-separated subset of order1, order2, r2 (SME drifts) and svag.
+sde.variants        comma-separated subset of order1, order2, r2 (SME drifts), svag, and ode1, ode2
+                    (the no-diffusion controls: the order-1/order-2 drift with Sigma = 0).
 sde.diffusion       auto | closed_form (MSE, readout-only dropout) | exact (2**m masks) | masks (K).
 sde.loss_estimator  how L_S is computed in the drift: auto | closed_form | exact | masks.
 sde.num_masks       K masks per substep for the masks diffusion/estimator (>= 2; covariance / (K - 1)).

@@ -162,7 +162,7 @@ def validate(cfg) -> None:
     validate_sde(c)
 
 
-SDE_VARIANTS = ("order1", "order2", "r2", "svag")
+SDE_VARIANTS = ("order1", "order2", "r2", "svag", "ode1", "ode2")
 SDE_DIFFUSIONS = ("auto", "closed_form", "exact", "masks")
 SDE_ESTIMATORS = ("auto", "closed_form", "exact", "masks")
 SDE_COUPLINGS = ("none", "variants", "quantile")

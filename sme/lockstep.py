@@ -9,6 +9,9 @@ Processes (all start from the same theta_0; replica r of every process is one sa
   nested grids, h = eps/(2l) (path ``v``) and eps/l (path ``v/coarse``, fed the pairwise sums of the
   fine Brownian increments), and 2 g(fine) - g(coarse) removes the O(h) weak error of Euler-Maruyama
   (Talay & Tubaro 1990), leaving O(h^2);
+* ``ode1``, ``ode2``: the no-diffusion controls, the same Euler-Maruyama grids with the order-1 or
+  order-2 drift and Sigma = 0 (`sme.sde.make_ode`): what the SME's noise adds is the gap between
+  ``orderk`` and ``odek``;
 * ``svag``: dropout-SVAG(l_svag), itself a discrete process with mean grad L_S and covariance l Sigma.
 
 Common random numbers (``coupling``):
@@ -41,11 +44,13 @@ from sme.diffusion import (MAX_ENUMERATED_UNITS, Problem, check_diffusion, coupl
 from sme.dropout import sample_masks
 from sme.models import batch_apply
 
-EM_VARIANTS = sde.DRIFTS  # order1, order2, r2
+# The no-diffusion controls: the ODE with the order-1 or order-2 drift (Sigma = 0).
+ODE_DRIFTS = {"ode1": "order1", "ode2": "order2"}
+EM_VARIANTS = (*sde.DRIFTS, *ODE_DRIFTS)  # order1, order2, r2, ode1, ode2
 VARIANTS = (*EM_VARIANTS, "svag")
 COUPLINGS = ("none", "variants", "quantile")
 # Noise tags of the SDE stream: never renumber (they are part of the reproducibility contract).
-TAGS = {"order1": 1, "order2": 2, "r2": 3, "svag": 4}
+TAGS = {"order1": 1, "order2": 2, "r2": 3, "svag": 4, "ode1": 5, "ode2": 6}
 SHARED_TAG = 0
 
 
@@ -141,6 +146,15 @@ def _em_noises(spec: LockstepSpec, sme_v: sde.SDE, step, replica, tag, zeta):
     return noises, coarse
 
 
+def make_process(spec: LockstepSpec, problem: Problem, variant: str, lr) -> sde.SDE:
+    """The `sde.SDE` of an Euler-Maruyama variant: an SME (order1 | order2 | r2) or an ODE control."""
+    if variant in ODE_DRIFTS:
+        return sde.make_ode(problem, drift=ODE_DRIFTS[variant], diffusion=spec.diffusion, estimator=spec.estimator,
+                            lr=lr, num_masks=spec.num_masks)
+    return sde.make_sme(problem, drift=variant, diffusion=spec.diffusion, estimator=spec.estimator, lr=lr,
+                        num_masks=spec.num_masks, trace=spec.trace)
+
+
 def replica_step(spec: LockstepSpec, paths: dict, step, replica, lr, problem: Problem) -> dict:
     """One discrete step N -> N + 1 of every process of one replica. Cost: one gradient (discrete),
     l (or 3l with Richardson) SME substeps per EM variant, 2 l_svag gradients for SVAG."""
@@ -148,8 +162,7 @@ def replica_step(spec: LockstepSpec, paths: dict, step, replica, lr, problem: Pr
     new = {"discrete": sde.dropout_gd_step(problem, paths["discrete"], masks, lr=lr)}
     cache = {}
     for v in spec.em_variants:
-        sme_v = sde.make_sme(problem, drift=v, diffusion=spec.diffusion, estimator=spec.estimator, lr=lr,
-                             num_masks=spec.num_masks, trace=spec.trace)
+        sme_v = make_process(spec, problem, v, lr)
         tag = TAGS[v] if spec.coupling == "none" else SHARED_TAG
         if tag not in cache:
             cache[tag] = _em_noises(spec, sme_v, step, replica, tag, zeta)

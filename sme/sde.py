@@ -255,6 +255,27 @@ def make_sme(problem: Problem, *, drift: str, diffusion: str, estimator: str, lr
     )
 
 
+def make_ode(problem: Problem, *, drift: str, diffusion: str, estimator: str, lr, num_masks: int = 16) -> SDE:
+    """The no-diffusion control dTheta = b(Theta) dt with the SME's `drift` (order1 | order2) and
+    Sigma = 0 (docs/theory.md, "The SME orders and the ODE control"). It draws the same substep
+    noise as the SME (a ``masks`` drift uses its masks; the Gaussian parts are ignored), so it runs
+    in the lockstep beside the SDEs on a shared noise stream. Cost per substep: one gradient of U.
+    """
+    if drift not in ("order1", "order2"):
+        raise ValueError(f"the ODE control takes the order1 or order2 drift, not {drift!r}")
+    with_masks = estimator == "masks"
+    potential = lambda p, xi: drift_potential(problem, drift, estimator, p, xi, lr=lr, diffusion=diffusion)
+    neg_grad = lambda p, xi: _tmap(jnp.negative, jax.grad(potential)(p, xi))
+    return SDE(
+        drift=neg_grad,
+        diffusion=lambda p, xi: _tmap(jnp.zeros_like, p),
+        sample_noise=lambda key: sample_noise(problem, diffusion, key=key, num_masks=num_masks,
+                                              with_masks=with_masks),
+        scale=0.0,
+        increment=lambda p, xi, h: _tmap(lambda g: h * g, neg_grad(p, xi)),
+    )
+
+
 def gaussian_only(diffusion: str, estimator: str) -> bool:
     """True when a substep's noise is purely Gaussian (no masks), so grids can be nested (`coarsen`)."""
     return diffusion != "masks" and estimator != "masks"
