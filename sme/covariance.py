@@ -104,6 +104,35 @@ def frobenius(cov: Factored) -> jax.Array:
     return jnp.linalg.norm(gram(cov))
 
 
+def frobenius_sq_unbiased(centred: jax.Array) -> jax.Array:
+    """Unbiased estimate of ||Sigma||_F² = Tr(Sigma²) from K >= 4 iid samples.
+
+    The plug-in ||Sigma_K||_F² is biased upward: E ||Sigma_K||_F² = ||Sigma||_F² +
+    ((Tr Sigma)² + ...)/K, which for a low-rank-dominated Sigma and K = 64 inflates
+    ||Sigma||_F by 10-20 % and biases alpha down. This is the U-statistic
+    (1/4) mean over distinct (i, j, k, l) of ((x_i - x_j)^T (x_k - x_l))², in the closed form
+    of Himeno & Yamada (J. Multivariate Anal. 2014):
+
+        T = (K-1) / (K (K-2) (K-3)) [(K-1)(K-2) Tr(S²) + (Tr S)² - K Q],
+
+    with S = C / (K - 1) the sample covariance and Q = sum_i C_ii² / (K - 1).
+
+    Args:
+      centred: (K, K) centred Gram matrix C_ij = (x_i - x_bar)^T (x_j - x_bar) of the raw
+        samples, without any divisor (``(K - 1) * gram(mask_covariance(g))``).
+
+    Returns:
+      Scalar estimate (may be negative when ||Sigma||_F² is small against its noise). Cost: K².
+    """
+    k = centred.shape[0]
+    if k < 4:
+        raise ValueError(f"frobenius_sq_unbiased: needs K >= 4 samples, got {k}")
+    tr_s = jnp.trace(centred) / (k - 1)
+    tr_s2 = jnp.sum(centred**2) / (k - 1) ** 2
+    q = jnp.sum(jnp.diagonal(centred) ** 2) / (k - 1)
+    return (k - 1) / (k * (k - 2) * (k - 3)) * ((k - 1) * (k - 2) * tr_s2 + tr_s**2 - k * q)
+
+
 def top_eigenpairs(cov: Factored, k: int):
     """Top-k eigenpairs of Sigma from the Gram matrix.
 

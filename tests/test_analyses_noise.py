@@ -201,3 +201,30 @@ def test_alignment_lanczos_path_agrees_with_dense():
     with jax.enable_x64(True):
         # P = 39 parameters and 39 Lanczos steps: the Krylov space is everything, Ritz values are exact
         _lanczos_vs_dense(dict(num_masks=4, top_k=3, sgd_examples=0, num_boot=100, lanczos_order=39, num_probes=16))
+
+
+def test_alignment_with_the_risk_hessian_and_the_unbiased_frobenius():
+    import itertools
+
+    with jax.enable_x64(True):
+        settings = dict(num_masks=6, top_k=3, sgd_examples=6, num_boot=100, loss_kind="risk")
+        ctx = _context(loss="cross_entropy", settings=settings)
+        key = jax.random.key(7)
+        out = as_numpy(noise.alignment(ctx, key=key))
+        assert str(out["hessian_of"]) == "risk"
+        x, y = jnp.asarray(ctx.dataset.x_train), jnp.asarray(ctx.dataset.y_train)
+        flat, unravel = ravel_pytree(ctx.params)
+        h = np.asarray(jax.hessian(lambda f: losses.risk(ctx.model, ctx.loss, unravel(f), x, y))(flat))
+        np.testing.assert_allclose(out["hessian_frobenius"], np.linalg.norm(h), rtol=1e-10)
+        g = np.asarray(grads.mask_gradients(ctx.model, ctx.loss, ctx.params, x, y,
+                                            _masks(ctx, jax.random.fold_in(key, 0), 6), mode=ctx.mask_mode))
+        sigma = np.cov(g.T, ddof=1)
+        # ||Sigma||_F² by its definition: (1/4) mean over distinct (i, j, k, l) of ((g_i - g_j)^T (g_k - g_l))²
+        u = np.mean([((g[i] - g[j]) @ (g[k] - g[l])) ** 2 / 4 for i, j, k, l in itertools.permutations(range(6), 4)])
+        np.testing.assert_allclose(out["dropout_sigma_frobenius_unbiased"], np.sqrt(u), rtol=1e-8)
+        np.testing.assert_allclose(out["dropout_alpha_unbiased"],
+                                   np.trace(h @ sigma) / (np.linalg.norm(h) * np.sqrt(u)), rtol=1e-8)
+        assert out["dropout_sigma_frobenius_unbiased"] < out["dropout_sigma_frobenius"]
+        assert -1 <= out["sgd_alpha"] <= 1  # a cosine; H of R_S may be indefinite, so alpha may be < 0
+        with pytest.raises(ValueError, match="loss_kind"):
+            noise.alignment(dataclasses.replace(ctx, settings=dict(settings, loss_kind="fixed_mask")), key=key)

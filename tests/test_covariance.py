@@ -318,3 +318,44 @@ def test_subset_correction_makes_component_traces_unbiased_for_the_population():
                     cv.component_traces_from_table(sub[ij]), subset_size=size, population=5)))(jnp.asarray(pairs))
                 expected += weights @ np.asarray(est) / len(subsets)
             np.testing.assert_allclose(expected, exact, rtol=1e-10, atol=1e-14)
+
+
+def test_unbiased_frobenius_equals_the_u_statistic_of_its_definition():
+    # (1/4) mean over distinct (i, j, k, l) of ((x_i - x_j)^T (x_k - x_l))², brute force
+    with jax.enable_x64(True):
+        x = np.asarray(jax.random.normal(jax.random.key(5), (7, 3), jnp.float64)) * [1.0, 2.0, 0.5]
+        brute = np.mean([((x[i] - x[j]) @ (x[k] - x[l])) ** 2 / 4
+                         for i, j, k, l in itertools.permutations(range(7), 4)])
+        centred = (x - x.mean(0)) @ (x - x.mean(0)).T
+        np.testing.assert_allclose(cv.frobenius_sq_unbiased(jnp.asarray(centred)), brute, rtol=1e-12)
+        with pytest.raises(ValueError, match="K >= 4"):
+            cv.frobenius_sq_unbiased(jnp.eye(3))
+
+
+def test_unbiased_frobenius_is_exactly_unbiased_over_all_mask_draws_and_the_plug_in_is_not():
+    with jax.enable_x64(True):
+        model, params, x, y = _deep(n=3)  # 4 droppable units: 16 masks
+        table, probs = cv.enumerate_gradient_table(model, "cross_entropy", params, x, y)
+        exact = float(cv.frobenius(cv.exact_covariance(table, probs, mode="shared")) ** 2)
+        column = jnp.mean(table, axis=1)  # full-batch gradient under each shared mask
+        # E over K = 4 iid masks, every one of the 16**4 draws enumerated with its probability
+        draws = jnp.asarray(list(itertools.product(range(table.shape[0]), repeat=4)))
+
+        def both(idx):
+            cov = cv.mask_covariance(column[idx])
+            return cv.frobenius_sq_unbiased(3 * cv.gram(cov)), cv.frobenius(cov) ** 2
+
+        unbiased, plug_in = jax.jit(jax.vmap(both))(draws)
+        weights = np.prod(np.asarray(probs)[np.asarray(draws)], axis=1)
+        np.testing.assert_allclose(weights @ np.asarray(unbiased), exact, rtol=1e-9)
+        assert weights @ np.asarray(plug_in) > 1.2 * exact  # the finite-K inflation the estimator removes
+        # sampled masks, K = 8, 4,000 draws: mean within 4 standard errors of the exact value, plug-in outside
+        g = grads.sampled_mask_gradients(model, "cross_entropy", params, x, y, key=jax.random.key(9),
+                                         num_masks=8 * 4000, mode="shared", chunk_size=1000).reshape(4000, 8, -1)
+        unbiased, plug_in = jax.vmap(lambda rows: (
+            cv.frobenius_sq_unbiased(7 * cv.gram(cv.mask_covariance(rows))),
+            cv.frobenius(cv.mask_covariance(rows)) ** 2))(g)
+        unbiased, plug_in = np.asarray(unbiased), np.asarray(plug_in)
+        se = unbiased.std(ddof=1) / np.sqrt(len(unbiased))
+        assert abs(unbiased.mean() - exact) < 4 * se
+        assert plug_in.mean() - exact > 4 * plug_in.std(ddof=1) / np.sqrt(len(plug_in))

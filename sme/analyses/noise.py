@@ -32,7 +32,8 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   by n' - 1); and the projected variance u_i^T Sigma u_i against the top-k
   Hessian eigenvalues with the log-log slope (bootstrap interval). H is the
   Hessian (`sme.hessian.make_hessian_loss`, HVPs over S in chunks of
-  ``hessian_chunk_size`` examples) of L_S: ``modified`` (closed form; MSE,
+  ``hessian_chunk_size`` examples) of ``loss_kind``: ``risk`` (R_S, the same
+  loss for a run with and without dropout), or (``auto``) L_S: ``modified`` (closed form; MSE,
   last-layer dropout), ``modified_exact`` (enumerated; <= ``max_enumerated_units``
   droppable units), else ``modified_mc`` (``hessian_masks`` mask sets in the run's
   mode, fixed from ``fold_in(key, 2)``); ``risk`` (R_S) without dropout. Dense
@@ -47,7 +48,11 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   ``hessian_of`` (kind), ``hessian_label``, ``num_params``, and for noise in
   (``dropout``, ``sgd``):
   ``<noise>_alpha``, ``<noise>_tr_h_sigma``, ``<noise>_sigma_trace``,
-  ``<noise>_sigma_frobenius``, ``<noise>_null_haar_mean``/``_std``,
+  ``<noise>_sigma_frobenius``, ``<noise>_sigma_frobenius_unbiased`` (from the
+  U-statistic `sme.covariance.frobenius_sq_unbiased`: the plug-in ||Sigma_K||_F is
+  inflated by the finite K; equal to the plug-in for the whole population),
+  ``<noise>_alpha_unbiased`` (alpha with it), ``<noise>_null_haar_unbiased_mean``/``_std``,
+  ``<noise>_null_haar_mean``/``_std``,
   ``<noise>_null_wishart_mean``/``_std``, ``<noise>_projected_variance`` (top_k,),
   ``<noise>_slope`` (log-log), ``<noise>_slope_intercept``, ``<noise>_slope_low``,
   ``<noise>_slope_high``, ``<noise>_slope_points`` (NaN slopes when fewer than 3
@@ -95,7 +100,8 @@ ALIGNMENT_DEFAULTS = dict(
     hvp_chunk_size=1,  # HVPs vmapped at once (1 = one after another: fastest on CPU, memory-bound)
     top_k=20,  # Hessian eigenpairs for the projected variance
     num_examples=0,  # S = first n training examples; 0 = all
-    sgd_examples=128,  # random examples of the SGD noise (one HVP each)
+    sgd_examples=64,  # random examples of the SGD noise (one HVP each); = num_masks: like for like
+    loss_kind="auto",  # H of: auto (L_S, or R_S without dropout) | risk | modified | modified_exact | modified_mc
     hessian_masks=8,  # mask sets of the Monte Carlo L_S
     hessian_chunk_size=0,  # examples per HVP chunk (bounds memory); 0 = all at once
     max_enumerated_units=10,  # exact L_S by enumeration up to this many droppable units
@@ -105,6 +111,8 @@ ALIGNMENT_DEFAULTS = dict(
     num_boot=2000,  # bootstrap resamples of the slope interval
     level=0.95,  # confidence level of the slope interval
 )
+
+ALIGNMENT_LOSS_KINDS = ("auto", "risk", "modified", "modified_exact", "modified_mc")
 
 
 def _subset(key, n: int, size: int, what: str) -> np.ndarray:
@@ -189,11 +197,18 @@ def covariance(ctx: Context, *, key) -> dict:
 # ----------------------------------------------------------------------------- alignment
 
 
-def _noise_entries(hvp, cov, vectors, fro_h, chunk):
+def _noise_entries(hvp, cov, vectors, fro_h, chunk, ddof):
     tr_hs = relations.trace_h_sigma(hvp, cov, chunk_size=chunk)
     fro_s = cv.frobenius(cov)
+    rows = cov.root.shape[0]
+    # ddof = 1: K iid samples, ||Sigma_K||_F² is inflated by the finite K; ddof = 0: the whole
+    # population (every example), where the plug-in value is exact.
+    fro2 = cv.frobenius_sq_unbiased((rows - 1) * cv.gram(cov)) if ddof == 1 and rows >= 4 else fro_s**2
+    fro_u = jnp.where(fro2 > 0, jnp.sqrt(jnp.maximum(fro2, 0.0)), jnp.nan)
     return dict(tr_h_sigma=tr_hs, sigma_trace=cv.trace(cov), sigma_frobenius=fro_s,
+                sigma_frobenius_unbiased=fro_u,
                 alpha=relations.alignment(tr_hs, fro_h, fro_s),
+                alpha_unbiased=relations.alignment(tr_hs, fro_h, fro_u),
                 projected_variance=relations.projected_variance(cov, vectors))
 
 
@@ -226,8 +241,9 @@ def _alignment_fn(by_spec: BySpec, loss: str, mode: str, kind: str, dense_path: 
         out = dict(hessian_eigenvalues=values, hessian_residuals=residuals, hessian_trace=norms.trace,
                    hessian_trace_se=norms.trace_se, hessian_frobenius=norms.frobenius,
                    hessian_frobenius_se=norms.frobenius_se)
-        for name, cov in (("dropout", cv.mask_covariance(g)), ("sgd", cv.from_samples(sgd_rows, ddof=ddof))):
-            entries = _noise_entries(hvp, cov, vectors, norms.frobenius, s["hvp_chunk_size"])
+        for name, cov, dd in (("dropout", cv.mask_covariance(g), 1),
+                              ("sgd", cv.from_samples(sgd_rows, ddof=ddof), ddof)):
+            entries = _noise_entries(hvp, cov, vectors, norms.frobenius, s["hvp_chunk_size"], dd)
             out.update({f"{name}_{k}": v for k, v in entries.items()})
         return out
 
@@ -251,7 +267,11 @@ def _alignment_plan(ctx: Context, key):
     dim = ravel_pytree(ctx.params)[0].shape[0]
     if not 1 <= s["top_k"] <= dim or s["num_masks"] < 2:
         raise ValueError(f"alignment: need 1 <= top_k <= {dim} parameters and num_masks >= 2, got {s}")
-    kind = resolve_loss_kind("auto", ctx.model, ctx.loss, s["max_enumerated_units"])
+    if s["loss_kind"] not in ALIGNMENT_LOSS_KINDS:
+        raise ValueError(f"alignment: loss_kind={s['loss_kind']!r}; expected one of {ALIGNMENT_LOSS_KINDS}")
+    if s["loss_kind"].startswith("modified") and not any(site.droppable for site in ctx.model.sites):
+        raise ValueError(f"alignment: loss_kind={s['loss_kind']!r} needs dropout, but the model has none")
+    kind = resolve_loss_kind(s["loss_kind"], ctx.model, ctx.loss, s["max_enumerated_units"])
     hmasks = None
     if kind == "modified_mc":
         shape = (s["hessian_masks"],) if ctx.mask_mode == "shared" else (s["hessian_masks"], n)
@@ -264,6 +284,10 @@ def _alignment_plan(ctx: Context, key):
             haar = relations.haar_null(out["hessian_trace"], out["hessian_frobenius"],
                                        out[f"{name}_sigma_trace"], out[f"{name}_sigma_frobenius"], dim)
             wishart = relations.wishart_null(out["hessian_trace"], out["hessian_frobenius"], dim, rank)
+            haar_u = relations.haar_null(out["hessian_trace"], out["hessian_frobenius"],
+                                         out[f"{name}_sigma_trace"], out[f"{name}_sigma_frobenius_unbiased"], dim)
+            out.update({f"{name}_null_haar_unbiased_mean": haar_u.mean,
+                        f"{name}_null_haar_unbiased_std": haar_u.std})
             out.update({f"{name}_null_haar_mean": haar.mean, f"{name}_null_haar_std": haar.std,
                         f"{name}_null_wishart_mean": wishart.mean, f"{name}_null_wishart_std": wishart.std})
             out.update(_fit_entries(name, out["hessian_eigenvalues"], out[f"{name}_projected_variance"], s))
