@@ -182,3 +182,25 @@ def test_bad_settings_are_named():
         cu.hessian(ctx(settings=dict(order="many")), key=jax.random.key(0))
     with pytest.raises(ValueError, match="closed-form"):
         cu.hessian(ctx(loss="cross_entropy", settings=dict(loss_kind="modified")), key=jax.random.key(0))
+
+
+def test_hessian_modified_measures_a_net_without_dropout_on_its_dropout_twins_loss():
+    with jax.enable_x64(True):
+        # trained "without dropout" (keep_prob 1); L_S at q = 0.6 on its hidden layer, enumerated (5 units)
+        settings = dict(keep_prob=0.6, loss_kind="modified_exact", order=32, top_k=3, bottom_k=1, num_probes=4,
+                        hutchpp_sketch=0)
+        ctx = _context(loss="cross_entropy", keep_prob=1.0, dtype=jnp.float64, settings=settings)
+        out = REGISTRY["hessian_modified"].fn(ctx, key=jax.random.key(0))
+        x, y = jnp.asarray(ctx.dataset.x_train, jnp.float64), jnp.asarray(ctx.dataset.y_train, jnp.float64)
+        twin = _model(0.6)
+        dense = _dense(lambda p: losses.modified_loss_exact(twin, "cross_entropy", p, x, y), ctx.params)
+        np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
+        assert float(out["loss_keep_prob"]) == 0.6 and str(out["loss_kind"]) == "modified_exact"
+        # the same net's R_S Hessian differs: the loss really changed
+        plain = _dense(lambda p: losses.risk(ctx.model, "cross_entropy", p, x, y), ctx.params)
+        assert abs(np.linalg.eigvalsh(plain)[-1] - float(out["top_values"][0])) > 1e-3
+        # without keep_prob the run has no dropout and hessian_modified refuses, naming the fix
+        with pytest.raises(ValueError, match="keep_prob"):
+            REGISTRY["hessian_modified"].fn(_context(keep_prob=1.0, settings=dict(order=8)), key=jax.random.key(0))
+        with pytest.raises(ValueError, match="keep_prob"):
+            REGISTRY["hessian"].fn(_context(settings=dict(keep_prob=1.5)), key=jax.random.key(0))

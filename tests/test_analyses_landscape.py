@@ -234,3 +234,42 @@ def test_modified_objectives_and_plots(tmp_path):
     skipped_dir.mkdir()
     np.savez(skipped_dir / "step_000000000.npz", skipped=np.asarray("no snapshots"))
     assert REGISTRY["trajectory_flatness"].plot_fn(str(skipped_dir), [0]) == []
+
+
+def test_trajectory_flatness_sensitivity_grid_refits_the_artifact(tmp_path):
+    """Each cell of the PC-range x max_trend grid is the plain fit of exactly its points."""
+    settings = dict(num_components=8, num_excluded=0, num_boot=200, fit_components=6,
+                    sensitivity_components="4,8", sensitivity_max_trend="0.5,1.0")
+    ctx = _context(tmp_path, settings=settings)
+    flat = np.asarray(ravel_pytree(ctx.params)[0])
+    rng = np.random.default_rng(2)
+    num = 60
+    noise = rng.normal(size=(num, flat.size)) * np.geomspace(1e-1, 1e-3, flat.size)
+    noise[:, 0] *= 3.0
+    noise[:, 5] = 0.5 * np.linspace(-1.0, 1.0, num) ** 2  # a drift: PC 2, trend fraction ~ 1
+    np.savez(os.path.join(tmp_path, "snapshots.npz"), params=(flat + noise).astype(np.float32))
+    r = la.trajectory_flatness(ctx, key=jax.random.key(0))
+    np.testing.assert_array_equal(r["sensitivity_components"], [4, 8])
+    np.testing.assert_array_equal(r["sensitivity_max_trend"], [0.5, 1.0])
+    assert r["sensitivity_psi"].shape == (2, 2, 2)
+    index = np.arange(8)
+    for a, c in enumerate((4, 8)):
+        for b, t in enumerate((0.5, 1.0)):
+            for i in range(2):  # c = 2, c = e
+                valid = r["resolved"] & ~(r["trend_fraction"] > t) & (index < c) & ~r["capped"][i]
+                if valid.sum() < 3:  # too few points: NaN, not an error
+                    assert np.isnan(r["sensitivity_psi"][i, a, b])
+                    continue
+                fit = landscape.variance_flatness_fit(r["variances"][:8], r["width"][i], num_excluded=0,
+                                                      valid=valid, num_boot=200)
+                np.testing.assert_allclose(r["sensitivity_psi"][i, a, b], fit.psi, rtol=1e-12)
+                assert r["sensitivity_num_fit_points"][i, a, b] == valid.sum()
+    assert np.isfinite(r["sensitivity_psi"][:, 1, :]).all()  # all 8 PCs: enough points in every cell
+    # the headline fit uses PCs 1..fit_components only
+    valid = r["resolved"] & ~r["excluded"] & (index < 6) & ~r["capped"][0]
+    assert r["num_fit_points_c2"] == valid.sum() and valid.sum() < (r["resolved"] & ~r["excluded"]).sum()
+    for bad, message in ((dict(fit_components=9), "fit_components=9"),
+                         (dict(sensitivity_components="4,9"), "sensitivity_components"),
+                         (dict(sensitivity_max_trend="0.5,x"), "sensitivity_max_trend")):
+        with pytest.raises(ValueError, match=message):
+            la.trajectory_flatness(_context(tmp_path, settings=dict(settings, **bad)), key=jax.random.key(0))

@@ -23,7 +23,14 @@ units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
   ``ritz_values`` (order,) ascending, ``lanczos_alphas`` (order,),
   ``lanczos_betas`` (order - 1,), ``trace_hutchinson``, ``trace_hutchinson_se``,
   ``trace_hutchpp``, ``trace_hutchpp_se`` (NaN when hutchpp_sketch = 0),
-  ``top_vectors`` (top_k, P) when ``save_vectors``, ``settings``.
+  ``top_vectors`` (top_k, P) when ``save_vectors``, ``loss_keep_prob`` (the
+  loss's keep probability), ``settings``.
+
+* ``hessian_modified`` — the same as ``hessian`` (same keys) for the dropout-modified
+  loss L_S only, with ``keep_prob`` q (0: the run's own) on the run's dropout
+  layers: a run trained without dropout is measured on the L_S of its dropout
+  twin, like for like. Separate artifacts, so a run holds both R_S (``hessian``
+  with ``loss_kind=risk``) and L_S results.
 
 * ``hessian_density`` — stochastic Lanczos quadrature: ``num_probes`` Rademacher
   starts (``fold_in(key, 1)``) of ``order`` steps, raw nodes and weights, and
@@ -58,6 +65,7 @@ one-at-a-time ones up to float re-association.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -67,7 +75,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sme import hessian as hs
-from sme import lanczos, losses
+from sme import lanczos, losses, models
 from sme.analyses import Context, common, register
 from sme.analyses.common import (BySpec, batched, load_step_artifacts, pyplot, resolve_loss_kind, run_single,
                                  save_figure, step_axis, train_subset)
@@ -75,6 +83,7 @@ from sme.dropout import sample_masks
 
 _LOSS_DEFAULTS = dict(
     loss_kind="auto",  # auto | modified | modified_exact | modified_mc | risk | fixed_mask
+    keep_prob=0.0,  # dropout of the loss: 0 = the run's own; q in (0, 1]: q on the run's dropout layers
     num_masks=8,  # K frozen masks of modified_mc
     max_enumerated_units=8,  # auto: exact L_S by enumerating 2**m masks up to m units
     num_examples=0,  # S = first n training examples; 0 = all
@@ -89,6 +98,9 @@ HESSIAN_DEFAULTS = dict(
     hutchpp_sketch=16,  # Hutch++ sketch size (2 x sketch + num_probes HVPs); 0 = skip Hutch++
     save_vectors=False,  # also save the (top_k, P) eigenvectors
 )
+# The same as hessian for L_S at keep_prob (a run trained without dropout on its dropout twin's
+# loss): its own artifacts, so one run can hold the Hessians of R_S and of L_S.
+HESSIAN_MODIFIED_DEFAULTS = dict(HESSIAN_DEFAULTS, loss_kind="auto")
 DENSITY_DEFAULTS = dict(
     _LOSS_DEFAULTS,
     num_probes=8,  # SLQ starts (order HVPs each)
@@ -120,8 +132,23 @@ def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
     return s
 
 
-def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype):
+def loss_model(model, keep_prob: float):
+    """The run's model with keep probability ``keep_prob`` on its dropout layers (0: unchanged).
+
+    The parameters are the same pytree, so a net trained without dropout can be measured on the
+    dropout-modified loss L_S of its dropout twin (like for like).
+    """
+    if keep_prob == 0.0 or keep_prob == model.spec.keep_prob:
+        return model
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(f"keep_prob={keep_prob} must be in (0, 1] (0 = the run's own)")
+    spec = dataclasses.replace(model.spec, keep_prob=float(keep_prob))
+    return models.make_cnn(spec) if isinstance(spec, models.CNNSpec) else models.make_mlp(spec)
+
+
+def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype, model=None):
     """The frozen masks of `kind` (None when it needs none): see the module docstring."""
+    model = model or ctx.model
     per_sample = ctx.mask_mode == "per_sample"
     if kind == "modified_mc":
         shape = (s["num_masks"], n) if per_sample else (s["num_masks"],)
@@ -129,15 +156,17 @@ def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype):
         shape = (n,) if per_sample else ()
     else:
         return None
-    return sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 0), batch_shape=shape, dtype=dtype)
+    return sample_masks(model.sites, key=jax.random.fold_in(key, 0), batch_shape=shape, dtype=dtype)
 
 
 def _setup(ctx: Context, s: dict, key):
-    """(resolved kind, x, y, masks, P) shared by the Hessian analyses."""
-    kind = resolve_loss_kind(s["loss_kind"], ctx.model, ctx.loss, s["max_enumerated_units"])
+    """(model, resolved kind, x, y, masks, P) shared by the Hessian analyses."""
+    model = loss_model(ctx.model, s["keep_prob"])
+    kind = resolve_loss_kind(s["loss_kind"], model, ctx.loss, s["max_enumerated_units"])
     x, y = train_subset(ctx, s["num_examples"])
     dtype = x.dtype
-    return kind, x, y, _masks(ctx, kind, s, x.shape[0], key, dtype), ravel_pytree(ctx.params)[0].shape[0]
+    return (model, kind, x, y, _masks(ctx, kind, s, x.shape[0], key, dtype, model),
+            ravel_pytree(ctx.params)[0].shape[0])
 
 
 def _frozen(s: dict):
@@ -177,9 +206,12 @@ def _hessian_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order:
     return jax.jit(run)
 
 
-def _hessian_plan(ctx: Context, key):
-    s = fill_settings("hessian", ctx.settings, HESSIAN_DEFAULTS)
-    kind, x, y, masks, dim = _setup(ctx, s, key)
+def _hessian_plan(ctx: Context, key, *, name="hessian", defaults=HESSIAN_DEFAULTS):
+    s = fill_settings(name, ctx.settings, defaults)
+    model, kind, x, y, masks, dim = _setup(ctx, s, key)
+    if name == "hessian_modified" and not kind.startswith("modified"):
+        raise ValueError(f"hessian_modified: the loss must be L_S (loss_kind modified*, got {kind!r}); the run "
+                         "has no dropout, so set keep_prob to the dropout twin's")
     order = min(s["order"], dim)
     if s["top_k"] > order or s["bottom_k"] > order or s["bottom_k"] < 0:
         raise ValueError(f"hessian: top_k={s['top_k']} and bottom_k={s['bottom_k']} must be in [0, order={order}]")
@@ -192,16 +224,24 @@ def _hessian_plan(ctx: Context, key):
         out.setdefault("trace_hutchpp", np.nan)
         out.setdefault("trace_hutchpp_se", np.nan)
         out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
-                   order=order, settings=json.dumps(s, sort_keys=True))
+                   order=order, loss_keep_prob=model.spec.keep_prob, settings=json.dumps(s, sort_keys=True))
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = _hessian_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    core = _hessian_fn(BySpec(model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
     return core, (ctx.params, x, y, masks, key), finish
 
 
 def hessian(ctx: Context, *, key) -> dict:
     """Top/bottom Hessian eigenpairs with residuals, and Tr H by Hutchinson and Hutch++."""
     return run_single(_hessian_plan, ctx, key)
+
+
+_modified_plan = functools.partial(_hessian_plan, name="hessian_modified", defaults=HESSIAN_MODIFIED_DEFAULTS)
+
+
+def hessian_modified(ctx: Context, *, key) -> dict:
+    """The hessian analysis for L_S only (keep_prob: also for a run without dropout), beside hessian's R_S."""
+    return run_single(_modified_plan, ctx, key)
 
 
 # ----------------------------------------------------------------------------- density
@@ -224,7 +264,7 @@ def _density_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order:
 
 def _density_plan(ctx: Context, key):
     s = fill_settings("hessian_density", ctx.settings, DENSITY_DEFAULTS)
-    kind, x, y, masks, dim = _setup(ctx, s, key)
+    model, kind, x, y, masks, dim = _setup(ctx, s, key)
     order = min(s["order"], dim)
 
     def finish(core_out) -> dict:
@@ -240,7 +280,7 @@ def _density_plan(ctx: Context, key):
             trace_slq_se=se, loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim,
             num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True)).items()}
 
-    core = _density_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    core = _density_fn(BySpec(model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
     return core, (ctx.params, x, y, masks, key), finish
 
 
@@ -389,6 +429,8 @@ def plot_fisher(directory: str, steps) -> list[str]:
 
 # Batched: parameters, masks (drawn from each item's key) and keys per item; x, y shared.
 register("hessian", plot_fn=plot_hessian, batch_fn=batched(_hessian_plan, (0, None, None, 0, 0)))(hessian)
+register("hessian_modified", plot_fn=plot_hessian,
+         batch_fn=batched(_modified_plan, (0, None, None, 0, 0)))(hessian_modified)
 register("hessian_density", plot_fn=plot_hessian_density,
          batch_fn=batched(_density_plan, (0, None, None, 0, 0)))(hessian_density)
 register("fisher", plot_fn=plot_fisher, batch_fn=batched(_fisher_plan, (0, None, None, 0)))(fisher)

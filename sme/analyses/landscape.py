@@ -38,11 +38,14 @@ Artifact keys (flatness, trajectory_flatness): ``variances`` (all PCs),
 ``directions`` (k, P) float32, ``factors`` (2,) = (2, e), ``width``/``left``/
 ``right``/``capped`` (2, k), ``resolved`` (k,) (variance above 100 eps sigma_1^2,
 the Gram route's noise floor; unresolved and capped points are not fitted),
-``excluded`` (k,) (left out as drift), ``trend_fraction`` (k,) (trajectory only),
+``excluded`` (k,) (left out as drift; the headline fit also leaves out PCs beyond
+``fit_components``), ``trend_fraction`` (k,) (trajectory only),
 ``loss_star``, and per factor (suffix ``c2``,
 ``ce``) the scalars ``psi``, ``psi_low``, ``psi_high``, ``intercept``,
 ``spearman``, ``num_fit_points`` (NaN with ``fit_error_<c>`` when fewer than 3
-points remain). Profile: ``alphas`` (A,), ``train_losses``/``test_losses``
+points remain); with ``sensitivity_components`` the same fit over a grid of PC
+ranges (x ``sensitivity_max_trend`` for trajectory data): ``sensitivity_*`` (see
+`_sensitivity`). Profile: ``alphas`` (A,), ``train_losses``/``test_losses``
 (D, A), ``loss_at_params``, ``test_loss_at_params``.
 
 Jitted functions are cached per (model, loss, mask mode, settings), so the many
@@ -77,6 +80,8 @@ _SEARCH_DEFAULTS = dict(
     num_examples=0,  # first n training examples for losses and gradients; 0 = all
     num_components=16,  # PCs along which F_i is measured
     num_excluded=1,  # leading PCs (drift mode) left out of the psi fit
+    fit_components=0,  # PCs 1..this enter the headline psi fit; 0 = all num_components
+    sensitivity_components="",  # PC ranges of the sensitivity table, e.g. "16,30,60" (each <= num_components)
     init_step=1e-3,  # first bracket step along a unit direction (parameter units)
     max_distance=1e3,  # cap of each side of the interval
     num_bisect=20,  # bisections: crossing located to 2^-21 of its bracket
@@ -93,6 +98,7 @@ FLATNESS_DEFAULTS = dict(
 TRAJECTORY_DEFAULTS = dict(
     _SEARCH_DEFAULTS, filename="snapshots.npz", reference="last",
     max_trend=0.5,  # PCs whose trend fraction exceeds this are drift, left out of the fit (1: rule off)
+    sensitivity_max_trend="",  # max_trend values of the sensitivity table, e.g. "0.4,0.5,0.6,0.7"
     trend_degree=4,  # Legendre degrees 1..trend_degree span the trend (landscape.trend_fraction)
 )
 PROFILE_DEFAULTS = dict(
@@ -191,6 +197,54 @@ def _fit_entries(variances, result, usable, s) -> dict:
     return out
 
 
+def _parse_list(s: dict, key: str, cast, low, high) -> list:
+    try:
+        values = [cast(v) for v in str(s[key]).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{key}={s[key]!r}: expected comma-separated numbers") from None
+    bad = [v for v in values if not low <= v <= high]
+    if bad:
+        raise ValueError(f"{key}={s[key]!r}: {bad} outside [{low}, {high}]")
+    return values
+
+
+def _check_fit_settings(s: dict, trajectory: bool):
+    """Fit ranges and the sensitivity grid, checked before any compute."""
+    k = s["num_components"]
+    if s["fit_components"] and not 3 <= s["fit_components"] <= k:
+        raise ValueError(f"fit_components={s['fit_components']} must be 0 (all) or in [3, num_components={k}]")
+    _parse_list(s, "sensitivity_components", int, 3, k)
+    if trajectory:
+        _parse_list(s, "sensitivity_max_trend", float, 1e-12, 1.0)
+
+
+def _sensitivity(variances, result, resolved, trend, s) -> dict:
+    """psi over the grid PC range x max_trend (trajectory data; one column otherwise), per factor.
+
+    Keys ``sensitivity_components`` (a,), ``sensitivity_max_trend`` (b,) (NaN: no trend rule) and
+    ``sensitivity_<field>`` (2, a, b) for psi, psi_low, psi_high, spearman, num_fit_points.
+    """
+    comps = _parse_list(s, "sensitivity_components", int, 3, len(resolved))
+    if not comps:
+        return {}
+    trends = _parse_list(s, "sensitivity_max_trend", float, 1e-12, 1.0) if trend is not None else []
+    trends = trends or [math.nan]
+    fields = ("psi", "psi_low", "psi_high", "spearman", "num_fit_points")
+    grid = {f: np.full((len(FACTOR_NAMES), len(comps), len(trends)), np.nan) for f in fields}
+    index = np.arange(len(resolved))
+    for a, c in enumerate(comps):
+        for b, t in enumerate(trends):
+            excluded = index < s["num_excluded"]
+            if trend is not None:
+                excluded = excluded | (trend > t)
+            fits = _fit_entries(variances, result, resolved & ~excluded & (index < c), s)
+            for i, tag in enumerate(FACTOR_NAMES):
+                for f in fields:
+                    grid[f][i, a, b] = fits[f"{f}_{tag}"]
+    return {"sensitivity_components": np.asarray(comps), "sensitivity_max_trend": np.asarray(trends),
+            **{f"sensitivity_{f}": v for f, v in grid.items()}}
+
+
 def _flatness_result(variances, directions, result, trend, s) -> dict:
     dtype = directions.dtype
     variances = np.asarray(variances, np.float64)
@@ -206,7 +260,9 @@ def _flatness_result(variances, directions, result, trend, s) -> dict:
         out["trend_fraction"] = trend = np.asarray(trend, np.float64)
         excluded = excluded | (trend > s["max_trend"])
     out["excluded"] = excluded
-    out.update(_fit_entries(variances, result, resolved & ~excluded, s))
+    in_fit = np.arange(k) < (s["fit_components"] or k)
+    out.update(_fit_entries(variances, result, resolved & ~excluded & in_fit, s))
+    out.update(_sensitivity(variances, result, resolved, trend, s))
     return out
 
 
@@ -231,6 +287,7 @@ def flatness(ctx: Context, *, key) -> dict:
             raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {x.shape[0]} "
                              f"examples, got batch_size={s['batch_size']}")
     _check_rows(s, s["num_masks"], ravel_pytree(ctx.params)[0].shape[0], "gradient rows")
+    _check_fit_settings(s, trajectory=False)
     fn = _flatness_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), True)
     return _flatness_result(*fn(ctx.params, None, x, y, key), s)
 
@@ -272,6 +329,7 @@ def trajectory_flatness(ctx: Context, *, key) -> dict:
     if rows.shape[1] != flat.shape[0]:
         raise ValueError(f"{path}: snapshots have {rows.shape[1]} parameters but the model has {flat.shape[0]}")
     _check_rows(s, rows.shape[0], rows.shape[1], "snapshots")
+    _check_fit_settings(s, trajectory=True)
     if not 0 < s["max_trend"] <= 1:
         raise ValueError(f"analysis trajectory_flatness: max_trend={s['max_trend']} must be in (0, 1]")
     if not 1 <= s["trend_degree"] <= rows.shape[0] - 2:
