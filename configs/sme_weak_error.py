@@ -24,6 +24,8 @@ below order 1 at every eps for p >= 0.8 (and for eps <= 0.1 at p = 0.5) with slo
 first order at p = 0.5 and 0.8; at p = 0.1 the SDE integrations blow up for eps >= 0.05.
 """
 
+from ml_collections import ConfigDict
+
 from configs import base
 
 
@@ -39,14 +41,19 @@ def get_config(variant: str = "default"):
     c.optim.name, c.optim.lr, c.optim.schedule = "sgd", 0.1, "constant"
     c.train.batch_size, c.train.num_steps, c.train.checkpoint_steps = 0, 20, ""
     s = c.sde
-    s.enabled, s.variants = True, "order1,order2,r2,svag"
+    s.enabled, s.variants = True, "order1,order2,ode1,ode2,r2,svag"
     s.diffusion, s.loss_estimator, s.coupling = "closed_form", "closed_form", "quantile"
     s.substeps, s.richardson, s.svag_substeps = 2, True, 4
     s.num_replicas, s.num_batches, s.horizon, s.num_evals = 10_000, 100, 2.0, 20
     s.lr_grid, s.keep_prob_grid = "0.4,0.2,0.1,0.05,0.025", "0.1,0.5,0.8,0.9,0.95"
+    # Declared before the run: orders are fitted over eps in [fit_lr_min, fit_lr_max] (the three
+    # smallest eps, where eps times the curvature of L_S is small) and, as a second row, over the
+    # whole grid; weak errors are read at the fixed times t = 1 (mid) and t = 2 (final T).
+    c.analysis.weak_error = ConfigDict(dict(fit_lr_min=0.025, fit_lr_max=0.1, times="1,2"))
     if variant == "tiny":
         s.num_replicas, s.num_batches, s.horizon, s.num_evals = 400, 20, 0.4, 4
-        s.lr_grid, s.keep_prob_grid, s.variants = "0.2,0.1,0.05", "0.5,0.9", "order1,order2,svag"
+        s.lr_grid, s.keep_prob_grid, s.variants = "0.2,0.1,0.05", "0.5,0.9", "order1,order2,ode1,svag"
+        c.analysis.weak_error = ConfigDict(dict(fit_lr_min=0.05, fit_lr_max=0.2, times="0.2,0.4"))
         s.substeps = 1
         s.num_boot = 200
     return c

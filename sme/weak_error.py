@@ -1,39 +1,35 @@
-"""Weak error of the SME against discrete dropout GD, with bootstrap intervals and fitted orders.
+"""Weak error of the SME against discrete dropout GD at fixed times, with joint-bootstrap intervals.
 
-For a test function g, a horizon T and a learning rate eps (Li, Tai & E, JMLR 2019; SCIENCE.md §4):
+For a test function g, a time t and a learning rate eps (Li, Tai & E, JMLR 2019; docs/theory.md,
+"The weak-error estimator"):
 
-    e(eps) = max_{N <= T/eps} |E g(theta_N) - E g(Theta_{N eps})|,
+    e_t(eps) = |E g(theta_N) - E g(Theta_t)|,   N = t / eps,
 
-estimated from R replicas of both processes (`sme.lockstep`) over the logged steps N. The replicas
-arrive as B batch means (consecutive groups of R/B replicas, `lockstep.batch_means`), which are
-i.i.d. and carry everything the mean needs, so:
+read at a few fixed times declared before the run (the final T and one mid time), never as a max
+over noisy means. The R replicas arrive as B batch means (consecutive groups of R/B replicas,
+`lockstep.batch_means`), which are i.i.d. within a cell; with d_b = gbar^disc_b - gbar^sde_b:
 
-* the estimate is max_N |mean_b (d_bN)| with d_bN = gbar^disc_bN - gbar^sde_bN;
-* its interval is the percentile bootstrap over batches (the same resampled batches for both
-  processes, so any coupling between them is kept, and for every variant of a cell, so that
-  variants are compared pairwise);
-  Near the floor the bootstrap distribution of a max of |noisy curve| lies above the estimate
-  (resampling adds noise, and the max picks it up), so there the interval can exclude the
-  estimate: read such errors as "at most a few floors", not as measured values;
-* the Monte Carlo floor is the largest standard error of the difference over the logged steps,
-  max_N sd_b(d_bN) / sqrt(B). Under no bias, the max over N of |noise| is typically 1-3 floors, so
-  an error counts as ``resolved`` when it is at least RESOLVED_FACTOR floors.
+* the raw estimate |mean_b d_b| is biased upward by the noise (E dbar^2 = gap^2 + se^2), so the
+  point estimate is the bias-corrected sqrt(max(dbar^2 - se^2, 0)), se^2 = var_b(d_b)/B;
+* the Monte Carlo floor of each variant is its own se (the standard error of its difference);
+* the interval of |gap| is the |.|-image of the percentile-bootstrap interval of the signed gap
+  (it contains 0 when that one does);
+* replica r uses the keys (seed, stream, step, r) in EVERY cell, so cells are correlated; the
+  bootstrap therefore resamples the same batch indices jointly across all cells (and variants), and a
+  fitted order's interval is the spread of slopes refitted on those joint draws.
 
-The order is the least-squares slope of log e against log eps over the resolved cells, with an
-interval from the replica bootstrap (the slope refitted on each bootstrap draw of the errors) and
-the pairs-bootstrap interval of `sme.stats.fit_loglog` beside it.
-All functions are NumPy (host) code.
+Orders are least-squares slopes of log e against log eps over the eps range declared in the config
+(every cell in it, no selection on the outcome); a cell whose corrected error is 0 makes the slope
+undefined (NaN), and an interval is given only when at least a fraction ``level`` of the draws has
+every error positive. All functions are NumPy (host) code.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from sme import stats
-
-RESOLVED_FACTOR = 3.0
-# A process whose replica mean leaves |g| <= DIVERGENCE_FACTOR (1 + |g(theta_0)|) has diverged (some
-# replicas blew up): its error is NaN rather than a meaningless 1e30.
+# A process whose replica mean leaves |g| <= DIVERGENCE_FACTOR (1 + |E g(dropout GD)|) at the same time
+# has diverged (some replicas blew up): its error is NaN rather than a meaningless 1e30.
 DIVERGENCE_FACTOR = 1e3
 
 
@@ -50,123 +46,149 @@ def bootstrap_indices(num_batches: int, *, num_boot: int, seed: int = 0) -> np.n
     return np.random.default_rng(seed).integers(0, num_batches, size=(num_boot, num_batches))
 
 
+def time_indices(times: np.ndarray, wanted) -> list[int]:
+    """Indices of the logged times closest to each wanted t; raises if one is off the grid by > 1e-6 t."""
+    times = np.asarray(times, np.float64)
+    out = []
+    for t in wanted:
+        i = int(np.argmin(np.abs(times - t)))
+        if abs(times[i] - t) > 1e-6 * max(abs(t), 1.0):
+            raise ValueError(f"time {t:g} is not a logged time (logged: {', '.join(f'{x:g}' for x in times)})")
+        out.append(i)
+    return out
+
+
+def _corrected(gap: np.ndarray, se: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(gap**2 - se**2, 0.0))
+
+
 def weak_error(ref_bm: np.ndarray, approx_bm: np.ndarray, boot_idx: np.ndarray, *, level: float = 0.95) -> dict:
-    """Weak error of ``approx`` against ``ref`` from batch means (T, B, G) at the T logged steps.
+    """Weak error of ``approx`` against ``ref`` from batch means (B, G) at one logged time.
+
+    Args:
+      ref_bm, approx_bm: (B, G) batch means; a leading axis of logged times (T, B, G) is allowed
+        (then every field gets it too).
+      boot_idx: (num_boot, B) batch indices (shared by every variant and cell: `bootstrap_indices`).
 
     Returns:
-      dict of (G,) arrays: ``error``, ``ci_low``, ``ci_high`` (percentile bootstrap), ``floor`` (MC
-      standard error, see module docstring), ``resolved`` (bool), ``argmax`` (index of the logged
-      step attaining the max), ``boot`` (num_boot, G) bootstrap errors and ``diverged`` (bool): a
-      non-finite batch mean, or a replica mean beyond DIVERGENCE_FACTOR (1 + |g at the first logged
-      step|), the first logged step being N = 0 where both processes start at theta_0. The error
-      fields are NaN where diverged.
+      dict of (..., G) arrays: ``gap`` (signed, approx - ref), ``raw`` |gap|, ``error`` (bias-corrected),
+      ``floor`` (se), ``ci_low``/``ci_high`` (|.| of the signed percentile interval), ``diverged``
+      (non-finite, or beyond DIVERGENCE_FACTOR (1 + |g| of the reference)), and ``boot``
+      (num_boot, ..., G) bias-corrected bootstrap errors. Error fields are NaN where diverged.
     """
-    diff = np.asarray(ref_bm, np.float64) - np.asarray(approx_bm, np.float64)
-    num_batches = diff.shape[1]
-    gap = diff.mean(axis=1)  # (T, G)
-    with np.errstate(invalid="ignore"):
-        se = diff.std(axis=1, ddof=1) / np.sqrt(num_batches)
-        error = np.abs(gap).max(axis=0)
-        boot = np.abs(diff[:, boot_idx].mean(axis=2)).max(axis=0)  # (num_boot, G)
+    ref, approx = np.asarray(ref_bm, np.float64), np.asarray(approx_bm, np.float64)
+    diff = approx - ref
+    num_batches = diff.shape[-2]
     with np.errstate(invalid="ignore", over="ignore"):
-        limit = DIVERGENCE_FACTOR * (1.0 + np.abs(np.asarray(ref_bm, np.float64)[0].mean(axis=0)))
-        peak = np.maximum(np.abs(np.asarray(ref_bm, np.float64).mean(axis=1)).max(axis=0),
-                          np.abs(np.asarray(approx_bm, np.float64).mean(axis=1)).max(axis=0))
-    finite = np.all(np.isfinite(diff), axis=(0, 1)) & (peak <= limit)
+        gap = diff.mean(axis=-2)
+        se = diff.std(axis=-2, ddof=1) / np.sqrt(num_batches)
+        draws = np.take(diff, boot_idx, axis=-2)  # (..., num_boot, B, G)
+        boot_gap = draws.mean(axis=-2)
+        boot_se = draws.std(axis=-2, ddof=1) / np.sqrt(num_batches)
+        limit = DIVERGENCE_FACTOR * (1.0 + np.abs(ref.mean(axis=-2)))
+        finite = np.all(np.isfinite(diff), axis=-2) & (np.abs(approx.mean(axis=-2)) <= limit)
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
-    floor = se.max(axis=0)
-    out = dict(error=error, ci_low=low, ci_high=high, floor=floor, resolved=error >= RESOLVED_FACTOR * floor,
-               argmax=np.abs(np.nan_to_num(gap)).argmax(axis=0), boot=boot)
-    for key in ("error", "ci_low", "ci_high", "floor"):
-        out[key] = np.where(finite, out[key], np.nan)
-    out["resolved"] = out["resolved"] & finite
+    lo, hi = np.quantile(boot_gap, [alpha, 1.0 - alpha], axis=-2)
+    straddles = (lo <= 0.0) & (hi >= 0.0)
+    ci_low = np.where(straddles, 0.0, np.minimum(np.abs(lo), np.abs(hi)))
+    ci_high = np.maximum(np.abs(lo), np.abs(hi))
+    boot = np.moveaxis(_corrected(boot_gap, boot_se), -2, 0)
+    out = dict(gap=gap, raw=np.abs(gap), error=_corrected(gap, se), floor=se, ci_low=ci_low, ci_high=ci_high)
+    out = {k: np.where(finite, v, np.nan) for k, v in out.items()}
     out["boot"] = np.where(finite[None], boot, np.nan)
     out["diverged"] = ~finite
     return out
 
 
-def fit_order(lrs, errors, boots, resolved, *, level: float = 0.95, seed: int = 0) -> dict:
-    """Slope of log error against log eps over the resolved cells.
+def fit_order(lrs, errors, boots, *, level: float = 0.95) -> dict:
+    """Slope of log error against log eps over ALL the given cells (the declared range).
 
     Args:
-      lrs, errors, resolved: (C,) over the cells of one keep_prob.
-      boots: (C, num_boot) bootstrap errors of each cell.
+      lrs, errors: (C,); boots: (C, num_boot) joint bootstrap errors of the same cells.
 
     Returns:
-      dict with ``order``, ``ci_low``/``ci_high`` (replica bootstrap), ``pairs_low``/``pairs_high``
-      (`stats.fit_loglog`, needs >= 3 points), ``intercept`` and ``num_points``; NaN when fewer
-      than 2 cells are resolved.
+      dict with ``order``, ``intercept``, ``ci_low``/``ci_high`` (percentiles of the slopes refitted
+      on the joint draws), ``num_points``; ``order`` NaN unless >= 2 cells all have finite errors > 0;
+      the interval NaN unless a fraction >= ``level`` of the draws are all positive.
     """
     lrs, errors = np.asarray(lrs, np.float64), np.asarray(errors, np.float64)
-    keep = np.asarray(resolved, bool) & np.isfinite(errors) & (errors > 0)
     nan = float("nan")
-    out = dict(order=nan, ci_low=nan, ci_high=nan, pairs_low=nan, pairs_high=nan, intercept=nan,
-               num_points=int(keep.sum()))
-    if keep.sum() < 2:
+    out = dict(order=nan, ci_low=nan, ci_high=nan, intercept=nan, num_points=len(lrs))
+    if len(lrs) < 2 or not np.all(np.isfinite(errors) & (errors > 0)):
         return out
-    x = np.log(lrs[keep])
-    slope, intercept = np.polyfit(x, np.log(errors[keep]), 1)
-    logs = np.log(np.maximum(np.asarray(boots, np.float64)[keep], 1e-300))  # (C', num_boot)
+    x = np.log(lrs)
+    slope, intercept = np.polyfit(x, np.log(errors), 1)
+    out.update(order=float(slope), intercept=float(intercept))
+    boots = np.asarray(boots, np.float64)
+    ok = np.all(np.isfinite(boots) & (boots > 0), axis=0)
+    if ok.mean() < level:
+        return out
+    logs = np.log(boots[:, ok])
     xc = x - x.mean()
     slopes = xc @ (logs - logs.mean(axis=0)) / (xc @ xc)
+    # Undefined draws (some error corrected to 0) are left out: ok.mean() >= level bounds their weight.
     alpha = (1.0 - level) / 2.0
-    out.update(order=float(slope), intercept=float(intercept),
-               ci_low=float(np.quantile(slopes, alpha)), ci_high=float(np.quantile(slopes, 1 - alpha)))
-    if keep.sum() >= 3:
-        fit = stats.fit_loglog(lrs[keep], errors[keep], level=level, seed=seed)
-        out.update(pairs_low=fit.ci_low, pairs_high=fit.ci_high)
+    out.update(ci_low=float(np.quantile(slopes, alpha)), ci_high=float(np.quantile(slopes, 1 - alpha)))
     return out
 
 
-def cell_table(cells: list[dict], variants, *, num_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """Weak errors of every variant in every cell, stacked over cells.
+def cell_table(cells: list[dict], variants, *, times, num_boot: int = 1000, level: float = 0.95,
+               seed: int = 0) -> dict:
+    """Weak errors of every variant in every cell at the fixed ``times``, stacked over cells.
 
     Args:
-      cells: loaded cell artifacts (`sme.sweep`), each with ``lr``, ``keep_prob``, ``g_names`` and
-        ``mean/<series>`` (T, B, G).
+      cells: loaded cell artifacts (`sme.sweep`), each with ``lr``, ``keep_prob``, ``times`` and
+        ``mean/<series>`` (T, B, G); all with the same B (one joint bootstrap over batches).
       variants: series to compare with ``discrete``.
+      times: SME times t at which to read the error (each a logged time of every cell).
 
     Returns:
-      ``lr``, ``keep_prob`` (C,); per variant v and field f in (error, ci_low, ci_high, floor,
-      resolved, diverged): ``<v>/<f>`` (C, G); ``<v>/boot`` (C, num_boot, G); and ``<v>/beats/<w>`` (C, G),
-      the bootstrap fraction of draws in which v's error is below w's (paired).
+      ``lr``, ``keep_prob`` (C,), ``times`` (K,); per variant v and field f of `weak_error`:
+      ``<v>/<f>`` (C, K, G), ``<v>/boot`` (C, K, num_boot, G); ``<v>/beats/<w>`` (C, K, G): the
+      fraction of joint draws in which v's error is below w's.
     """
+    sizes = {c["mean/discrete"].shape[1] for c in cells}
+    if len(sizes) != 1:
+        raise ValueError(f"cells have different numbers of replica batches {sorted(sizes)}: no joint bootstrap")
+    idx = bootstrap_indices(sizes.pop(), num_boot=num_boot, seed=seed)
     table = {"lr": np.array([float(c["lr"]) for c in cells]),
-             "keep_prob": np.array([float(c["keep_prob"]) for c in cells])}
+             "keep_prob": np.array([float(c["keep_prob"]) for c in cells]), "times": np.asarray(times, np.float64)}
     per = {v: [] for v in variants}
-    for i, cell in enumerate(cells):
-        idx = bootstrap_indices(cell["mean/discrete"].shape[1], num_boot=num_boot, seed=seed + i)
+    for cell in cells:
+        rows = time_indices(cell["times"], times)
         for v in variants:
-            per[v].append(weak_error(cell["mean/discrete"], cell[f"mean/{v}"], idx, level=level))
+            res = weak_error(cell["mean/discrete"][rows], cell[f"mean/{v}"][rows], idx, level=level)
+            res["boot"] = np.moveaxis(res["boot"], 0, 1)  # (K, num_boot, G)
+            per[v].append(res)
     for v in variants:
-        for field in ("error", "ci_low", "ci_high", "floor", "resolved", "boot", "diverged"):
+        for field in per[v][0]:
             table[f"{v}/{field}"] = np.stack([r[field] for r in per[v]])
     for v in variants:
         for w in variants:
             if v != w:
                 with np.errstate(invalid="ignore"):
-                    frac = np.mean(table[f"{v}/boot"] < table[f"{w}/boot"], axis=1)
+                    frac = np.mean(table[f"{v}/boot"] < table[f"{w}/boot"], axis=2)
                 table[f"{v}/beats/{w}"] = np.where(table[f"{v}/diverged"] | table[f"{w}/diverged"], np.nan, frac)
     return table
 
 
-def order_table(table: dict, variants, g_names, *, level: float = 0.95, max_lr: float = 0.0) -> dict:
-    """Fitted orders per (keep_prob, variant, g) from a `cell_table`: ``<v>/<field>`` of shape
-    (num_keep_probs, G) plus ``keep_probs``. ``max_lr`` > 0 fits only the cells with eps <= max_lr
-    (the asymptotic range)."""
+def order_table(table: dict, variants, *, lr_min: float = 0.0, lr_max: float = np.inf, level: float = 0.95) -> dict:
+    """Fitted orders per (keep_prob, time, g) over the cells with lr_min <= eps <= lr_max:
+    ``<v>/<field>`` (P, K, G) for the fields of `fit_order`, plus ``keep_probs`` (P,)."""
     keep_probs = np.unique(table["keep_prob"])
-    in_range = table["lr"] <= max_lr if max_lr > 0 else np.ones(len(table["lr"]), bool)
+    in_range = (table["lr"] >= lr_min * (1 - 1e-9)) & (table["lr"] <= lr_max * (1 + 1e-9))
     out = {"keep_probs": keep_probs}
-    fields = ("order", "ci_low", "ci_high", "pairs_low", "pairs_high", "intercept", "num_points")
+    fields = ("order", "ci_low", "ci_high", "intercept", "num_points")
+    shape = table[f"{variants[0]}/error"].shape[1:]
     for v in variants:
-        rows = {f: np.full((len(keep_probs), len(g_names)), np.nan) for f in fields}
+        rows = {f: np.full((len(keep_probs), *shape), np.nan) for f in fields}
         for a, p in enumerate(keep_probs):
             sel = (table["keep_prob"] == p) & in_range
-            for j in range(len(g_names)):
-                fit = fit_order(table["lr"][sel], table[f"{v}/error"][sel, j], table[f"{v}/boot"][sel, :, j],
-                                table[f"{v}/resolved"][sel, j], level=level)
-                for f in fields:
-                    rows[f][a, j] = fit[f]
+            for k in range(shape[0]):
+                for j in range(shape[1]):
+                    fit = fit_order(table["lr"][sel], table[f"{v}/error"][sel, k, j],
+                                    table[f"{v}/boot"][sel, k, :, j], level=level)
+                    for f in fields:
+                        rows[f][a, k, j] = fit[f]
         out.update({f"{v}/{f}": rows[f] for f in fields})
     return out
