@@ -1,4 +1,4 @@
-"""The dropout noise covariance Sigma, kept factored (arXiv 2305.15850 §3; SCIENCE.md §3).
+"""The dropout noise covariance Sigma, kept factored (arXiv 2305.15850 §3; docs/theory.md, "Σ and the diffusion samplers").
 
 Sigma(theta) = E_eta[(g(eta) - grad L_S)(g(eta) - grad L_S)^T], g(eta) =
 grad R^drop_S(theta; eta), is never formed as a P x P matrix (except by `dense`,
@@ -21,7 +21,7 @@ The weighted-loss VJP trick gives R^T z without any per-row gradient:
 sum_k z_k (g_k - g_bar) = grad_theta sum_k (z_k - z_bar) l_k(theta), one backward
 pass through the K losses l_k; likewise Sigma v costs one JVP and one VJP.
 
-Minibatch dropout SGD (SCIENCE.md §3) draws an example I and a mask eta; the
+Minibatch dropout SGD (docs/theory.md) draws an example I and a mask eta; the
 two-way ANOVA of G(eta, I) = grad l_I(theta; eta) splits its covariance into
 data, mask and interaction parts that add up exactly (`Components`), and the
 law of total covariance scales them for a batch of B (`minibatch_factors`).

@@ -1,7 +1,7 @@
 """Samples of the dropout SME's diffusion Sigma(theta)^{1/2} xi, never forming Sigma.
 
 Sigma(theta) = E_eta[(g_eta - grad L_S)(g_eta - grad L_S)^T], g_eta = grad R^drop_S(theta; eta)
-(arXiv 2305.15850 §3; SCIENCE.md §3). Every sampler returns s = sum_j w_j grad l_j(theta), a
+(arXiv 2305.15850 §3; docs/theory.md, "Σ and the diffusion samplers"). Every sampler returns s = sum_j w_j grad l_j(theta), a
 weighted gradient of mask losses l_j computed in ONE backward pass, with weights linear in a
 standard Gaussian noise xi, so that Cov_xi(s) is the target covariance:
 

@@ -6,7 +6,7 @@ the ½), and raveled to flat rows with `jax.flatten_util.ravel_pytree` order:
 * mask gradients: g(eta_k) = grad_theta R^drop_S(theta; eta_k), k = 1..K, one
   row per mask (shared masks (K, *site) or per-sample masks (K, n, *site));
   their mean estimates grad L_S and their covariance is the dropout noise Sigma
-  (arXiv 2305.15850 §3, SCIENCE.md §3);
+  (arXiv 2305.15850 §3; docs/theory.md, "Σ and the diffusion samplers");
 * per-sample gradients: g_i = grad_theta l(f_theta(x_i; eta_i), y_i), NOT divided
   by n (so grad R_S = mean_i g_i): the SGD noise;
 * per-(sample, mask) gradients: G[k, i] = grad_theta l(f_theta(x_i; eta_k), y_i),

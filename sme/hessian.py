@@ -5,7 +5,7 @@ reverse), never an explicit P x P matrix; it costs about 1.1-1.4 gradients on
 an MLP (benchmarks/hessian.py). Losses are means over examples and MSE carries
 the 1/2 (`sme.losses`), so every operator here is an average over examples.
 
-Which Hessian (SCIENCE.md §5; arXiv 2305.15850, 2207.05952): the loss is one of
+Which Hessian (docs/theory.md, "L_S and R_1"; arXiv 2305.15850, 2207.05952): the loss is one of
 `LOSS_KINDS`, and every output records its kind:
 
 * ``modified``: L_S = R_S + R_1 in closed form (MSE, dropout only on the readout

@@ -12,7 +12,7 @@ l(f, y) = ½ ||f - y||² (summed over outputs); cross-entropy is
   R_1 = ((1 - p) / (2 n p)) sum_i sum_j ||W^[L]_{j,:}||² h_j(x_i)².
 * R_2 penalty: (eps/4) ||grad R^drop_S(theta; eta)||² for the drawn mask; its
   mask average is (eps/4)(||grad L_S||² + Tr Sigma).
-* Diagnostic objectives (SCIENCE.md §2): L_1 = R_S + R_1,
+* Diagnostic objectives (docs/theory.md, "L_S and R_1"): L_1 = R_S + R_1,
   L_2 = R_S + (eps/4)||grad R^drop||², L_3 = R^drop - (eps/4)||grad R^drop||²,
   L_4 = R^drop - R_1.
 """

@@ -1,4 +1,4 @@
-"""Hessian-noise relations: alignment, its null models, projected variance (SCIENCE.md §6).
+"""Hessian-noise relations: alignment, its null models, projected variance (docs/theory.md, "α and its nulls").
 
 Alignment (arXiv 2305.15850 Fig. 1; the standard normalised inner product):
 

@@ -1,7 +1,8 @@
 """Stochastic modified equations of dropout: drifts, Euler-Maruyama, dropout-SVAG.
 
 Dropout GD, theta_{N+1} = theta_N - eps grad R^drop_S(theta_N; eta_N), is approximated in the weak
-sense by (Li, Tai & E, JMLR 2019; arXiv 2305.15850 §4; SCIENCE.md §4)
+sense by (Li, Tai & E, JMLR 2019; arXiv 2305.15850 §4;
+docs/theory.md, "The SME orders and the ODE control")
 
     order 1:  dTheta = -grad L_S dt + sqrt(eps) Sigma^{1/2} dW,
     order 2:  dTheta = -grad [L_S + (eps/4) ||grad L_S||^2] dt + sqrt(eps) Sigma^{1/2} dW,

@@ -1,4 +1,4 @@
-"""Curvature analyses: Hessian spectrum, spectral density, Gauss-Newton and Fisher (SCIENCE.md §5-6).
+"""Curvature analyses: Hessian spectrum, spectral density, Gauss-Newton and Fisher (docs/theory.md, "The Fisher forms").
 
 Registered analyses (settings: the module-level ``*_DEFAULTS`` dicts; missing
 settings are filled in, unknown ones are an error; the filled settings are

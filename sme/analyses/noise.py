@@ -1,4 +1,4 @@
-"""Noise analyses: the dropout covariance Sigma and its relation to the Hessian (SCIENCE.md §3, §6).
+"""Noise analyses: the dropout covariance Sigma and its relation to the Hessian (docs/theory.md, "α and its nulls").
 
 Registered analyses (settings: module-level ``*_DEFAULTS``; missing ones are
 filled, unknown ones are an error; the filled settings are returned as the JSON
