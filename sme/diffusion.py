@@ -21,8 +21,9 @@ standard Gaussian noise xi, so that Cov_xi(s) is the target covariance:
   quadratic polynomial in delta = eta - 1, g - grad L_S = sum_k delta_k M_k + sum_{k<l} delta_k
   delta_l S_kl, whose two parts are uncorrelated (delta_k^2 = v + beta delta_k for a two-point law,
   v = (1 - p)/p, beta = (1 - 2p)/p). Hence s = sqrt(v) sum_k zeta_k M_k + v sum_{k<l} z_kl S_kl has
-  covariance exactly Sigma, and it is one VJP through phi. Cost: one gradient over the n examples,
-  noise dimension m + m(m - 1)/2, for any width m.
+  covariance exactly Sigma, and it is the gradient of a potential built from the Gram matrices
+  H^T H and W W^T of the readout input and weight (`closed_form_potential`). Cost: one gradient
+  over the n examples plus 2 n m^2 (shared masks), noise dimension m + m(m - 1)/2, for any width m.
 
 Both exact forms put the unit noise zeta first: coupling zeta_k to the discrete step's mask
 (`coupled_normals`) couples the SDE's linear noise to the discrete noise without changing either law.
@@ -43,7 +44,7 @@ from jax.scipy.special import ndtri
 
 from sme.dropout import Site, check_mode, enumerate_masks, ones_masks, sample_masks
 from sme.losses import check_closed_form, loss_fn
-from sme.models import Model
+from sme.models import MLPSpec, Model, mlp_mask_outputs
 
 DIFFUSIONS = ("masks", "exact", "closed_form")
 # Enumeration beyond this many droppable units is refused (2**12 masks per gradient).
@@ -200,12 +201,16 @@ def enumerated_law(sites, dtype):
 
 
 def loss_table(problem: Problem, params, masks) -> jax.Array:
-    """l(f(x_i; eta_e), y_i) for shared masks with leading axis E: (E, n). Cost: E x n forwards.
+    """l(f(x_i; eta_e), y_i) for shared masks with leading axis E: (E, n). Cost: E x n forwards
+    (MLPs: the layers before the first dropout site once, `sme.models.mlp_mask_outputs`).
 
-    Examples are the outer vmap and masks the inner one: on CPU, XLA turns the other order's
-    backward pass into an (E, n, width) broadcast inside a fused dot, about 3x slower.
+    Other models: examples are the outer vmap and masks the inner one: on CPU, XLA turns the other
+    order's backward pass into an (E, n, width) broadcast inside a fused dot, about 3x slower.
     """
     lf, model = loss_fn(problem.loss), problem.model
+    if isinstance(model.spec, MLPSpec):
+        outs = mlp_mask_outputs(model.spec, params, problem.x, masks, shared=True)
+        return jax.vmap(jax.vmap(lf), in_axes=(0, None))(outs, problem.y)
 
     def per_example(x, y):
         outs = jax.vmap(lambda m: model.apply(params, x, m))(masks)
@@ -224,10 +229,14 @@ def exact_weights(probs: jax.Array, u: jax.Array, zeta: jax.Array, z: jax.Array)
 
 def mask_risks(problem: Problem, params, masks) -> jax.Array:
     """R^drop_S(theta; eta_k) for K mask sets (leading axis K; (K, n) for per_sample): (K,).
-    Cost: K forward passes (vmap order as in `loss_table`)."""
+    Cost: K forward passes (MLPs share the layers before the first dropout site; vmap order
+    otherwise as in `loss_table`)."""
     if problem.mode == "shared":
         return jnp.mean(loss_table(problem, params, masks), axis=1)
     lf, model = loss_fn(problem.loss), problem.model
+    if isinstance(model.spec, MLPSpec):
+        outs = mlp_mask_outputs(model.spec, params, problem.x, masks, shared=False)
+        return jnp.mean(jax.vmap(jax.vmap(lf), in_axes=(0, None))(outs, problem.y), axis=1)
 
     def per_example(x, y, example_masks):  # example_masks: (K, ...)
         outs = jax.vmap(lambda m: model.apply(params, x, m))(example_masks)
@@ -237,46 +246,58 @@ def mask_risks(problem: Problem, params, masks) -> jax.Array:
 
 
 def closed_form_features(model: Model, params, x, y):
-    """phi (n, m, out) with f(x_i; eta) = eta . phi_i + b, and psi = y - b (n, out)."""
+    """h (n, m), the readout input with every mask one; W (m, out), the readout weight; and
+    psi = y - f(x; eta = 0) = y - b (n, out). Then f(x_i; eta) = (eta * h_i) W + b."""
     ones = ones_masks(model.sites, dtype=x.dtype)
     drop_all = (*ones[:-1], jnp.zeros_like(ones[-1]))
     h = jax.vmap(model.penultimate, in_axes=(None, 0, None))(params, x, ones)
-    phi = h[:, :, None] * model.readout(params)[None]
     psi = y - jax.vmap(model.apply, in_axes=(None, 0, None))(params, x, drop_all)
-    return phi, psi
+    return h, model.readout(params), psi
 
 
-def closed_form_a_phi(keep_prob: float, zeta: jax.Array, z: jax.Array, phi: jax.Array) -> jax.Array:
-    """(A phi_io)_k for A = sqrt(v)(zeta 1^T + 1 zeta^T + beta diag zeta) + v Z (Z symmetric, zero
-    diagonal, upper triangle z): the coefficients of s = sum_kl A_kl C_kl - sum_k alpha_k d_k.
+def pair_matrices(z: jax.Array, m: int) -> jax.Array:
+    """Symmetric (G, m, m) matrices with zero diagonal whose upper triangles (row-major) are z (G, m(m-1)/2)."""
+    rows, cols = np.triu_indices(m, 1)
+    pairs = jnp.zeros((z.shape[0], m, m), z.dtype).at[:, rows, cols].set(z)
+    return pairs + jnp.swapaxes(pairs, 1, 2)
+
+
+def closed_form_potential(problem: Problem, params, noise) -> jax.Array:
+    """Q(theta) whose gradient is the closed-form diffusion sample s (module docstring).
+
+    With phi_ik = h_ik W_k, s = grad_theta (1/n) sum_i [1/2 sum_kl A_kl <phi_ik, phi_il>
+    - sum_k alpha_ik <phi_ik, psi_i>] for the constant noise matrix A = sqrt(v)(zeta 1^T + 1 zeta^T
+    + beta diag zeta) + v Z and alpha = sqrt(v) zeta. Since <phi_ik, phi_il> = h_ik h_il (W W^T)_kl,
+    the linear part is sqrt(v) sum_i [<(zeta * h_i) W, h_i W - psi_i> + beta/2 sum_k zeta_k h_ik^2
+    ||W_k||^2] and the pair part (v/2) sum_kl Z_kl (W W^T)_kl (H^T H)_kl: Gram matrices, never the
+    (n, m, out) features. Q is a true function of theta (the noise is constant), so its Hessian
+    is the derivative of s.
 
     Args:
-      zeta: (G, m); z: (G, m(m - 1)/2); phi: (n, m, out). G = 1 (shared) or n (per example).
+      noise: ``zeta`` (G, m) and ``z`` (G, m(m - 1)/2), G = 1 (shared) or n (per_sample).
 
     Returns:
-      (n, m, out). Cost: n m^2 out (one GEMM when G = 1).
+      A scalar. Cost: one forward pass plus n m^2 (shared: H^T H; its gradient one more n m^2)
+      or G n m^2 elementwise (per_sample).
     """
+    model, n = problem.model, problem.num_examples
+    keep_prob = model.sites[-1].keep_prob
     v, beta = (1.0 - keep_prob) / keep_prob, (1.0 - 2.0 * keep_prob) / keep_prob
-    g, m = zeta.shape
-    rows, cols = np.triu_indices(m, 1)
-    pairs = jnp.zeros((g, m, m), zeta.dtype).at[:, rows, cols].set(z)
-    pairs = pairs + jnp.swapaxes(pairs, 1, 2)
-    zeta_n = jnp.broadcast_to(zeta, (phi.shape[0], m))
-    zk = zeta_n[:, :, None]
-    linear = zk * jnp.sum(phi, axis=1, keepdims=True) + jnp.einsum("il,ilo->io", zeta_n, phi)[:, None, :]
-    pair_part = jnp.einsum("kl,ilo->iko", pairs[0], phi) if g == 1 else jnp.einsum("ikl,ilo->iko", pairs, phi)
-    return np.sqrt(v) * (linear + beta * zk * phi) + v * pair_part
+    h, w, psi = closed_form_features(model, params, problem.x, problem.y)
+    zeta = noise["zeta"]
+    zh = zeta * h  # (G, m) * (n, m): G is 1 or n
+    gram = w @ w.T
+    linear = jnp.sum((zh @ w) * (h @ w - psi)) + 0.5 * beta * jnp.sum(zh * h * jnp.diagonal(gram))
+    pairs = pair_matrices(noise["z"], h.shape[1])
+    if pairs.shape[0] == 1:
+        pair = 0.5 * jnp.sum(pairs[0] * gram * (h.T @ h))
+    else:
+        pair = 0.5 * jnp.einsum("ikl,kl,ik,il->", pairs, gram, h, h)
+    return (np.sqrt(v) * linear + v * pair) / n
 
 
 def _closed_form_sample(problem: Problem, params, noise):
-    model, n = problem.model, problem.num_examples
-    keep_prob = model.sites[-1].keep_prob
-    (phi, psi), vjp = jax.vjp(lambda p: closed_form_features(model, p, problem.x, problem.y), params)
-    alpha = np.sqrt((1.0 - keep_prob) / keep_prob) * jnp.broadcast_to(noise["zeta"], (n, noise["zeta"].shape[1]))
-    a_phi = closed_form_a_phi(keep_prob, noise["zeta"], noise["z"], phi)
-    d_phi = (a_phi - alpha[:, :, None] * psi[:, None, :]) / n
-    d_psi = -jnp.einsum("ik,iko->io", alpha, phi) / n
-    return vjp((d_phi, d_psi))[0]
+    return jax.grad(lambda p: closed_form_potential(problem, p, noise))(params)
 
 
 def closed_form_trace(problem: Problem, params) -> jax.Array:
@@ -302,12 +323,12 @@ def closed_form_trace(problem: Problem, params) -> jax.Array:
 
 
 def noise_potential(problem: Problem, name: str, params, noise: dict) -> jax.Array:
-    """A scalar Phi(theta) whose gradient at theta is `diffusion_sample` (its weights detached).
+    """A scalar Phi(theta) whose gradient at theta is `diffusion_sample`.
 
     So a whole Euler-Maruyama increment, h b + sqrt(eps h) sigma xi with b = -grad U, is ONE
-    gradient, grad [-h U + sqrt(eps h) Phi], sharing the forward passes of U and Phi. Only the
-    value of grad Phi at theta is meaningful (the closed form's detached coefficients depend on
-    theta): differentiate `diffusion_sample`, not this, for derivatives of sigma xi.
+    gradient, grad [-h U + sqrt(eps h) Phi], sharing the forward passes of U and Phi. The noise's
+    weights are constants, so Phi is a function of theta and its Hessian is the derivative of
+    sigma xi as well.
     Cost: as `diffusion_sample`.
     """
     check_mode(problem.mode)
@@ -321,14 +342,7 @@ def noise_potential(problem: Problem, name: str, params, noise: dict) -> jax.Arr
         n = problem.num_examples
         return jnp.sum(jnp.broadcast_to(w.T, (w.shape[1], n)) / n * loss_table(problem, params, masks))
     if name == "closed_form":
-        model, n = problem.model, problem.num_examples
-        keep_prob = model.sites[-1].keep_prob
-        phi, psi = closed_form_features(model, params, problem.x, problem.y)
-        c_phi, c_psi = jax.lax.stop_gradient((phi, psi))
-        alpha = np.sqrt((1.0 - keep_prob) / keep_prob) * jnp.broadcast_to(noise["zeta"], (n, noise["zeta"].shape[1]))
-        d_phi = (closed_form_a_phi(keep_prob, noise["zeta"], noise["z"], c_phi) - alpha[:, :, None] * c_psi[:, None, :]) / n
-        d_psi = -jnp.einsum("ik,iko->io", alpha, c_phi) / n
-        return jnp.sum(phi * d_phi) + jnp.sum(psi * d_psi)
+        return closed_form_potential(problem, params, noise)
     raise ValueError(f"unknown diffusion {name!r}; expected one of {DIFFUSIONS}")
 
 

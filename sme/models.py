@@ -43,7 +43,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # linear readout: keeps the forward variance O(1).
 _GAINS = {"relu": 2.0, "gelu": 2.0, "softplus": 2.0}
 
-MODEL_NAMES = ("mlp", "two_layer", "cnn")
+MODEL_NAMES = ("mlp", "two_layer", "cnn", "vgg9", "resnet20")  # the last two: sme.flax_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +191,65 @@ def mlp_forward_with_taps(spec: MLPSpec, params, x, masks, taps):
     return _dense(params["out"], h) + taps[-1], tuple(inputs)
 
 
+def first_droppable_site(spec: MLPSpec) -> int:
+    """Index of the first hidden layer whose output is masked (len(hidden) when none is)."""
+    if spec.keep_prob >= 1.0:
+        return len(spec.hidden)
+    return min((i for i in range(len(spec.hidden)) if _selected(i, spec.dropout_layers)), default=len(spec.hidden))
+
+
+def mlp_mask_outputs(spec: MLPSpec, params, x, masks, *, shared: bool) -> jax.Array:
+    """Outputs of the MLP on a batch under K mask sets, sharing what the masks cannot change.
+
+    Layers before the first droppable site run once for the whole batch (with dropout on the
+    one hidden layer, the first layer's pre-activation x W_1 and its activation). Shared masks
+    at that site are folded into the next layer's weights, (h * eta_k) W = h (eta_k * W), so the
+    K masks make ONE GEMM of (n, d) x (d, K o), whose reverse pass gives dW from mask-weighted
+    errors summed over K and n before the outer product. Per-sample masks (and every later
+    site) fold the K mask sets into the rows: one (K n, d) x (d, o) GEMM per layer. Masks at
+    sites before the first droppable one are ones by construction (`sme.dropout.sample_masks`,
+    `enumerate_masks`) and are not read.
+
+    Args:
+      spec: the MLP's spec.
+      params: its parameters.
+      x: (n, in_dim) examples.
+      masks: one array per site with leading K: (K, *site) when ``shared``, else (K, n, *site).
+      shared: whether one mask set applies to every example.
+
+    Returns:
+      (K, n, out_dim), equal to ``vmap_k vmap_i apply(params, x_i, masks_k(i))``.
+      Cost: the prefix once, then K n sum_{l > first} d_l d_{l+1} MACs.
+    """
+    act = ACTIVATIONS[spec.activation]
+    first = first_droppable_site(spec)
+    k, n = masks[0].shape[0], x.shape[0]
+    layers = (*params["hidden"], params["out"])
+    h, folded, pending = x, False, None  # h: (n, d) until the masks are folded in, then (K n, d)
+    for i, layer in enumerate(layers):
+        if pending is not None:  # shared masks (K, d) times this layer's weights (d, o)
+            w = pending[:, :, None] * layer["w"][None]
+            z = jnp.einsum("nd,kdo->kno", h, w).reshape(k * n, -1)
+            z = z + layer["b"] if "b" in layer else z
+            pending, folded = None, True
+        else:
+            z = _dense(layer, h)
+        if i == len(spec.hidden):
+            break
+        h = act(z)
+        if i < first:
+            continue
+        if folded:
+            h = (h.reshape(k, n, -1) * (masks[i][:, None] if shared else masks[i])).reshape(k * n, -1)
+        elif shared:
+            pending = masks[i]
+        else:
+            h, folded = (h[None] * masks[i]).reshape(k * n, -1), True
+    if not folded:  # nothing masked: the same output for every mask set
+        return jnp.broadcast_to(z[None], (k, n, spec.out_dim))
+    return z.reshape(k, n, spec.out_dim)
+
+
 def _maxpool2(h):
     return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (2, 2, 1), (2, 2, 1), "VALID")
 
@@ -271,6 +330,10 @@ def make_model(name: str, **kwargs) -> Model:
         return make_mlp(MLPSpec(hidden=tuple(hidden), **kwargs))
     if name == "cnn":
         return make_cnn(CNNSpec(**kwargs))
+    if name in ("vgg9", "resnet20"):  # Flax modules; flax is imported for these only
+        from sme.flax_models import make_flax_model
+
+        return make_flax_model(name, **kwargs)
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
 
 
