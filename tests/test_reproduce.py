@@ -21,7 +21,7 @@ def test_reproduce_tiny_end_to_end(tmp_path, root):
         if "figure" in report[section]:
             assert os.path.getsize(out / report[section]["figure"]) > 1000
     e2 = report["e2"]
-    assert all(0 <= a <= 1 for a in e2["dropout_alpha"])  # a cosine of two PSD matrices
+    assert all(-1 <= a <= 1 for a in e2["dropout_alpha"])  # a cosine; H may be indefinite, so alpha may be < 0
     rows = report["e6"]["rows"]
     assert [r["keep_prob"] for r in rows] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     for r in rows:
