@@ -7,8 +7,9 @@ Experiment configs import this and override a few fields. Run:
 Fields (validated at start-up by `sme.config.validate`, before anything is written):
 
 seed                int >= 0. Root of every key stream (sme.rng).
-data.name           digits | mnist | fashion_mnist | npz | relu_1d | tanh_1d | teacher.
-data.path           directory of IDX files (mnist, fashion_mnist) or an .npz file (npz).
+data.name           digits | mnist | fashion_mnist | npz | relu_1d | tanh_1d | teacher | cifar10 | cifar100.
+data.path           directory of IDX files (mnist, fashion_mnist) or an .npz file (npz); cifar10/100:
+                    the unpacked binary version (data_batch_*.bin; train.bin, test.bin).
 data.num_train      keep the first n training examples; 0 = all.
 data.num_test       keep the first n test examples; 0 = all.
 data.seed           seed of synthetic data (relu_1d, tanh_1d, teacher).
@@ -17,7 +18,7 @@ data.num_test_points synthetic test points (>= 1).
 data.input_dim      teacher input dimension (>= 1).
 data.teacher_width  teacher hidden width (>= 1).
 data.noise_std      synthetic label noise std (>= 0).
-model.name          mlp | two_layer | cnn.
+model.name          mlp | two_layer | cnn | vgg9 | resnet20 (Flax, sme/flax_models.py).
 model.hidden        hidden widths, tuple of ints >= 1 (two_layer: exactly one).
 model.activation    relu | tanh | gelu | sigmoid | softplus | linear.
 model.use_bias      hidden-layer biases.
@@ -25,8 +26,9 @@ model.output_bias   readout bias.
 model.keep_prob     the papers' p, in (0, 1]; 1 = no dropout. Never a drop rate.
 model.dropout_layers which sites get dropout: "all", "last", "none" or indices "0,2".
 model.init_scale    multiplies the He/LeCun init std (> 0).
-model.channels      cnn conv channels per block (each conv3x3 -> act -> maxpool2 -> dropout).
-model.input_shape   cnn input (height, width, channels); must multiply to the data's in_dim.
+model.channels      cnn conv channels per block (each conv3x3 -> act -> maxpool2 -> dropout);
+                    vgg9: two per block; resnet20: one per stage (resnet20 ignores model.hidden).
+model.input_shape   cnn/vgg9/resnet20 input (height, width, channels); must multiply to the data's in_dim.
 loss                mse (½||f - y||², one-hot targets for classes) | cross_entropy.
 objective           r_s | dropout | l1 | l2 | l3 | l4 | l1_r2 (see sme/losses.py).
 mask_mode           per_sample (nn.Dropout) | shared (one mask per batch, the papers' formulas).
@@ -52,6 +54,9 @@ train.dtype         float32 | float64.
 train.snapshot_start    first step of the trajectory-snapshot window (-1 = no snapshots); the
                     raveled parameters at snapshot_start + k * snapshot_every go to snapshots.npz.
 train.snapshot_every    steps between snapshots (>= 1).
+log.tensorboard     also write metrics.jsonl's scalars to <workdir>/tensorboard (needs the
+                    tensorboard extra: pip install -e '.[tensorboard]'). Changing it never
+                    blocks resuming a run.
 analysis.*          per-analysis settings used by analyze.py (see each analysis' docstring),
                     e.g. analysis.hessian.top_k; empty here on purpose. The analyses' defaults live
                     beside them (the *_DEFAULTS of sme/analyses/*.py, listed by `analyze.py --list`)
@@ -114,6 +119,8 @@ def get_config() -> ConfigDict:
         num_steps=3000, batch_size=64, num_replicas=1, share_init=False, eval_every=250,
         checkpoint_steps="log:8", checkpoint_every=1000, log_every_secs=5.0, dtype="float32",
         snapshot_start=-1, snapshot_every=1))
+
+    c.log = ConfigDict(dict(tensorboard=False))
 
     c.analysis = ConfigDict()
 

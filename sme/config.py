@@ -127,9 +127,11 @@ def validate(cfg) -> None:
     _check(m.activation in models.ACTIVATIONS, "model.activation", m.activation,
            f"must be one of {tuple(models.ACTIVATIONS)}")
     _check(m.init_scale > 0, "model.init_scale", m.init_scale, "must be > 0")
-    if m.name == "cnn":
+    if m.name in ("cnn", "vgg9", "resnet20"):
         _check(len(m.channels) >= 1 and all(ch >= 1 for ch in m.channels), "model.channels", m.channels,
                "needs at least one conv block, channels >= 1")
+        _check(m.name != "vgg9" or len(m.channels) % 2 == 0, "model.channels", m.channels,
+               "vgg9 takes two conv widths per block")
         _check(len(m.input_shape) == 3 and all(s >= 1 for s in m.input_shape), "model.input_shape",
                m.input_shape, "must be (height, width, channels)")
     _check(c.loss in losses.LOSS_NAMES, "loss", c.loss, f"must be one of {losses.LOSS_NAMES}")
@@ -158,7 +160,17 @@ def validate(cfg) -> None:
     _check(t.snapshot_every >= 1, "train.snapshot_every", t.snapshot_every, "must be >= 1")
     parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)
     num_sites = len(m.hidden) + (len(m.channels) if m.name == "cnn" else 0)
+    if m.name in ("vgg9", "resnet20"):  # Flax architectures (sme.flax_models)
+        from sme.flax_models import num_sites as flax_num_sites
+
+        num_sites = flax_num_sites(m.name, len(m.channels), len(m.hidden))
     parse_dropout_layers(m.dropout_layers, num_sites)
+    if "log" in c:  # runs written before the block existed stay analysable
+        import importlib.util
+
+        _check(isinstance(c.log.tensorboard, bool), "log.tensorboard", c.log.tensorboard, "must be True or False")
+        _check(not c.log.tensorboard or importlib.util.find_spec("tensorboardX") is not None, "log.tensorboard",
+               True, "needs tensorboardX: pip install -e '.[tensorboard]'")
     validate_sde(c)
 
 
@@ -245,6 +257,15 @@ def build_model(cfg, dataset: data_lib.Dataset) -> models.Model:
     m = cfg.model
     common = dict(out_dim=dataset.out_dim, activation=m.activation, keep_prob=float(m.keep_prob),
                   init_scale=float(m.init_scale))
+    if m.name in ("vgg9", "resnet20"):  # Flax architectures (sme.flax_models)
+        from sme.flax_models import num_sites
+
+        shape = tuple(int(s) for s in m.input_shape)
+        _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,
+               f"must multiply to the data's input size {dataset.in_dim}")
+        selection = parse_dropout_layers(m.dropout_layers, num_sites(m.name, len(m.channels), len(m.hidden)))
+        return models.make_model(m.name, input_shape=shape, channels=tuple(m.channels), hidden=tuple(m.hidden),
+                                 dropout_layers=selection, **common)
     if m.name == "cnn":
         shape = tuple(int(s) for s in m.input_shape)
         _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,

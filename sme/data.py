@@ -12,6 +12,8 @@ Sources (all offline):
   train / 297 test.
 * ``mnist`` / ``fashion_mnist``: the four IDX files (optionally .gz) in a local
   directory ``path``; pixels scaled to [0, 1].
+* ``cifar10`` / ``cifar100``: the binary version in directory ``path``
+  (`sme.cifar`), images flattened from (32, 32, 3), pixels scaled to [0, 1].
 * ``npz``: a user's file with arrays x_train, y_train, x_test, y_test. Integer
   1-D y means class labels; float y means regression targets.
 * ``relu_1d``: y = ½ReLU(-x - 1/3) + ½ReLU(x - 1/3) on x ~ U[-1, 1]
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "npz", "relu_1d", "tanh_1d", "teacher")
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "npz", "relu_1d", "tanh_1d", "teacher", "cifar10", "cifar100")
 SYNTHETIC = ("relu_1d", "tanh_1d", "teacher")
 
 
@@ -204,6 +206,10 @@ def load_dataset(spec: DataSpec) -> Dataset:
         parts = _idx(spec)
     elif spec.name == "npz":
         parts = _npz(spec)
+    elif spec.name in ("cifar10", "cifar100"):  # binary version in data.path (sme.cifar)
+        from sme import cifar
+
+        parts = cifar.load(spec.path, spec.name)
     else:
         parts = _synthetic(spec)
     xtr, ytr, xte, yte, num_classes = parts

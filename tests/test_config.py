@@ -13,7 +13,7 @@ BAD = [
     ("optim.lr", 0.0, "learning rate must be finite and > 0"),
     ("optim.lr", -0.1, "learning rate must be finite and > 0"),
     ("model.hidden", (32, 0), "every width >= 1"),
-    ("model.name", "resnet", "must be one of \\('mlp', 'two_layer', 'cnn'\\)"),
+    ("model.name", "resnet", "must be one of \\('mlp', 'two_layer', 'cnn', 'vgg9', 'resnet20'\\)"),
     ("data.name", "cifar", "must be one of"),
     ("optim.name", "lbfgs", "must be one of \\('sgd', 'momentum', 'adam'\\)"),
     ("train.batch_size", 301, "must be <= the 300 training examples"),

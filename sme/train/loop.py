@@ -28,14 +28,14 @@ import numpy as np
 from absl import logging
 
 from sme import config as config_lib
-from sme import io, losses, rng
+from sme import io, losses, rng, tensorboard
 from sme.train.evaluate import make_evaluate
 from sme.train.snapshots import SnapshotBuffer, snapshot_steps
 from sme.train.state import TrainState
 from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step
 
 # Config fields that may change when resuming: they do not change the numbers.
-RESUMABLE_CHANGES = ("train.log_every_secs",)
+RESUMABLE_CHANGES = ("train.log_every_secs", "log.tensorboard")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -150,6 +150,8 @@ def run(cfg, workdir: str) -> dict:
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
     state = _shard(state, t.num_replicas)
+    board = tensorboard.open_writer(workdir, enabled="log" in cfg and bool(cfg.log.tensorboard),
+                                    resume_step=None if resumed is None else resumed[0])  # off: does nothing
 
     kept = set(setup.checkpoint_steps)
     snaps = SnapshotBuffer(workdir, snapshot_steps(t.snapshot_start, t.snapshot_every, t.num_steps))
@@ -173,6 +175,7 @@ def run(cfg, workdir: str) -> dict:
             record["steps_per_sec"] = (step - last_point[1]) / max(now - last_point[0], 1e-9)
         record["time"] = now
         io.append_jsonl(metrics_path, record)
+        board.write(record)
         last_point[:] = [time.time(), step]
 
     def save(step):
@@ -206,6 +209,8 @@ def run(cfg, workdir: str) -> dict:
         state, step = new_state, step + n
         snaps.maybe_take(step, state.params)
         elapsed = time.time() - tic
+        if step - n == start_step and step < t.num_steps:  # the first chunk compiled: rate from here on
+            compile_secs, start, start_step = elapsed, time.time(), step
         # Grow chunks until one takes ~1/4 of the progress interval (first call includes compilation).
         chunk = max(1, min(chunk * 4, int(n / max(elapsed, 1e-6) * t.log_every_secs / 4) or 1))
         if step % t.eval_every == 0 or step == t.num_steps or step in kept:
@@ -217,7 +222,9 @@ def run(cfg, workdir: str) -> dict:
             rate = (step - start_step) / max(now - start, 1e-9)
             eta = (t.num_steps - step) / max(rate, 1e-9)
             extra = " ".join(f"{k}={record[k]:.4g}" for k in ("train/risk", "test/acc", "test/risk") if k in record)
-            logging.info("step %d/%d (%.0f%%) %s | %.0f steps/s | ETA %.0fs", step, t.num_steps,
-                         100.0 * step / t.num_steps, extra, rate, eta)
+            speed = (f"{rate:.0f} steps/s | ETA {eta:.0f}s" if step > start_step
+                     else f"first chunk with compilation {compile_secs:.1f}s")
+            logging.info("step %d/%d (%.0f%%) %s | %s", step, t.num_steps, 100.0 * step / t.num_steps, extra, speed)
             last_log = now
+    board.close()
     return record
