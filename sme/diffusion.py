@@ -322,6 +322,11 @@ def closed_form_trace(problem: Problem, params) -> jax.Array:
     return jnp.sum(jax.vmap(sq_norm)(basis))
 
 
+def mask_weights(z: jax.Array) -> jax.Array:
+    """(z_k - z_bar) / sqrt(K - 1): the ``masks`` sample is sum_k w_k g(eta_k). (K,) -> (K,)."""
+    return (z - jnp.mean(z)) / jnp.sqrt(jnp.asarray(z.shape[0] - 1, z.dtype))
+
+
 def noise_potential(problem: Problem, name: str, params, noise: dict) -> jax.Array:
     """A scalar Phi(theta) whose gradient at theta is `diffusion_sample`.
 
@@ -333,9 +338,7 @@ def noise_potential(problem: Problem, name: str, params, noise: dict) -> jax.Arr
     """
     check_mode(problem.mode)
     if name == "masks":
-        z = noise["z"]
-        w = (z - jnp.mean(z)) / jnp.sqrt(jnp.asarray(z.shape[0] - 1, z.dtype))
-        return jnp.dot(w, mask_risks(problem, params, noise["masks"]))
+        return jnp.dot(mask_weights(noise["z"]), mask_risks(problem, params, noise["masks"]))
     if name == "exact":
         masks, probs, u = enumerated_law(problem.model.sites, problem.x.dtype)
         w = exact_weights(probs, u, noise["zeta"], noise["z"])

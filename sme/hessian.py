@@ -1,9 +1,11 @@
-"""Hessian-vector products and curvature matvecs (forward-over-reverse), matrix-free.
+"""Hessian-vector products and curvature matvecs, matrix-free.
 
-H v = d/dt grad f(theta + t v) |_{t=0}: one jvp of the gradient (forward over
-reverse), never an explicit P x P matrix; it costs about 1.1-1.4 gradients on
-an MLP (benchmarks/hessian.py). Losses are means over examples and MSE carries
-the 1/2 (`sme.losses`), so every operator here is an average over examples.
+H v = d/dt grad f(theta + t v) |_{t=0}: a jvp of the gradient, never an explicit
+P x P matrix. `make_hvp` linearises the gradient once and applies the stored linear
+map per product (forward-over-reverse from scratch when the residuals would not fit,
+see its size rule); benchmarks/hessian.py measures both against a gradient. Losses
+are means over examples and MSE carries the 1/2 (`sme.losses`), so every operator
+here is an average over examples.
 
 Which Hessian (docs/theory.md, "L_S and R_1"; arXiv 2305.15850, 2207.05952): the loss is one of
 `LOSS_KINDS`, and every output records its kind:
@@ -212,20 +214,58 @@ def loss_value(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0) -> jax.
                       lambda xc, yc, mc, wc: _weighted_terms(hloss, params, xc, yc, mc, wc), zero)
 
 
-def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0):
+# Linearising the gradient once (`make_hvp`) keeps its residuals: for an MLP the activations,
+# backpropagated errors and activation derivatives, a few n x (sum of widths) numbers (2,000
+# examples of 784-256-256-10: ~20 MB). Above this many bytes the HVP recomputes them per call.
+LINEARIZE_MAX_BYTES = 1 << 30
+
+
+def linearization_bytes(fn, params) -> int:
+    """Bytes of the residuals `jax.linearize` keeps for the gradient of ``fn`` (traced, not run)."""
+    lin = jax.eval_shape(lambda p: jax.linearize(jax.grad(fn), p)[1], params)
+    return sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(lin))
+
+
+def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize: bool | None = None):
     """Flat Hessian-vector product of the loss over all n examples.
+
+    Two evaluations of the same operator:
+
+    * linearised: ``jax.linearize`` of the gradient at ``params`` runs the forward and
+      backward pass ONCE per call of `make_hvp` (per Lanczos, SLQ or Hutchinson run when
+      built inside it) and keeps their residuals; every matvec is then one JVP of the
+      stored linear map (a tangent forward and backward pass, no primal recomputation);
+    * forward-over-reverse: every matvec is ``jvp(grad)`` from scratch (primal and tangent),
+      over chunks of examples when ``chunk_size`` > 0: memory of one chunk.
+
+    Size rule (``linearize=None``): linearise when the examples are not chunked and the
+    residuals (`linearization_bytes`) fit in `LINEARIZE_MAX_BYTES`; otherwise
+    forward-over-reverse. ``True``/``False`` force either (``True`` needs no chunking).
 
     Args:
       hloss: from `make_hessian_loss`.
       params: linearisation point (pytree).
       x, y: (n, ...) examples; chunk_size: examples per chunk (0: all at once).
+      linearize: None (the size rule), True or False.
 
     Returns:
-      ``(matvec, dim)``: ``matvec(v (P,)) -> H v (P,)``. Cost per call: 1 HVP
-      over n examples; memory of one chunk's forward-over-reverse pass.
+      ``(matvec, dim)``: ``matvec(v (P,)) -> H v (P,)``. Cost per call: linearised, about one
+      gradient's worth of tangent passes plus one gradient at construction; forward-over-reverse
+      1 HVP over n examples.
     """
     flat, unravel = ravel_pytree(params)
     chunks = _chunks(hloss, x, y, chunk_size)
+    whole = chunks.x.shape[0] == 1
+    if linearize and not whole:
+        raise ValueError(f"make_hvp: linearize=True needs the examples unchunked (chunk_size={chunk_size} < n)")
+    if whole:
+        masks = jax.tree_util.tree_map(lambda a: a[0], chunks.masks) if hloss.mask_axis == 0 else chunks.masks
+        fn = lambda p: _weighted_terms(hloss, p, chunks.x[0], chunks.y[0], masks, chunks.w[0])
+        if linearize is None:
+            linearize = linearization_bytes(fn, params) <= LINEARIZE_MAX_BYTES
+        if linearize:
+            _, lin = jax.linearize(jax.grad(fn), params)
+            return (lambda v: ravel_pytree(lin(unravel(v.astype(flat.dtype))))[0]), flat.shape[0]
 
     def matvec(v):
         tangent = unravel(v.astype(flat.dtype))

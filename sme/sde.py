@@ -38,7 +38,8 @@ from jax.flatten_util import ravel_pytree
 
 from sme import losses, rng
 from sme.diffusion import (MAX_ENUMERATED_UNITS, Problem, check_diffusion, closed_form_trace, diffusion_sample,
-                           enumerated_law, loss_table, mask_risks, noise_potential, sample_noise)
+                           enumerated_law, loss_table, mask_risks, mask_weights, noise_potential,
+                           sample_noise)
 from sme.dropout import sample_masks
 
 DRIFTS = ("order1", "order2", "r2")
@@ -244,6 +245,9 @@ def make_sme(problem: Problem, *, drift: str, diffusion: str, estimator: str, lr
 
     def increment(params, xi, h):
         root = jnp.sqrt(lr * h)
+        if drift == "order1" and with_masks and diffusion == "masks":  # one backward pass through the K masks
+            w = root * mask_weights(xi["z"]) - h / xi["z"].shape[0]
+            return jax.grad(lambda p: jnp.dot(w, mask_risks(problem, p, xi["masks"])))(params)
         return jax.grad(lambda p: root * noise_potential(problem, diffusion, p, xi) - h * potential(p, xi))(params)
 
     return SDE(

@@ -87,6 +87,30 @@ def test_hvp_and_loss_equal_the_dense_hessian_of_every_loss_kind_chunked_or_not(
                 np.testing.assert_allclose(our_hv, hv, atol=1e-10, err_msg=f"{kind} {chunk}")
 
 
+def test_linearised_hvp_equals_forward_over_reverse_and_the_size_rule_picks_it(monkeypatch):
+    with jax.enable_x64(True):
+        model, params, x, y = _problem(hidden=(3, 4))
+        v = jax.random.normal(jax.random.key(9), (ravel_pytree(params)[0].size,), jnp.float64)
+        hlosses = [hs.make_hessian_loss(kind, model, "mse", **kwargs) for kind, kwargs, _ in _cases(model, x)
+                   if kind != "modified"]  # (closed form needs one hidden layer)
+        pairs = jax.jit(lambda p, v: [(hs.make_hvp(h, p, x, y, linearize=True)[0](v),
+                                       hs.make_hvp(h, p, x, y, linearize=False)[0](v)) for h in hlosses])(params, v)
+        for hloss, (lin, fwd_rev) in zip(hlosses, pairs):
+            np.testing.assert_allclose(lin, fwd_rev, atol=1e-12, err_msg=hloss.kind)  # same sums, other order
+        # The rule: the linearised matvec evaluates no primal tanh (its residuals are stored);
+        # forward-over-reverse recomputes the forward pass in every product.
+        risk = hs.make_hessian_loss("risk", model, "mse")
+        primal_ops = lambda **kw: str(jax.make_jaxpr(hs.make_hvp(risk, params, x, y, **kw)[0])(v)).count("tanh")
+        fn = lambda p: hs.loss_value(risk, p, x, y)
+        assert 0 < hs.linearization_bytes(fn, params) < hs.LINEARIZE_MAX_BYTES
+        assert primal_ops() == primal_ops(linearize=True) == 0 < primal_ops(linearize=False)
+        monkeypatch.setattr(hs, "LINEARIZE_MAX_BYTES", 0)
+        assert primal_ops() > 0
+        assert primal_ops(chunk_size=3) > 0
+        with pytest.raises(ValueError, match="linearize=True needs the examples unchunked"):
+            hs.make_hvp(risk, params, x, y, chunk_size=3, linearize=True)
+
+
 def test_hvp_pytree_equals_dense_hessian_times_v():
     with jax.enable_x64(True):
         model, params, x, y = _problem(hidden=(3, 4), loss="cross_entropy", out_dim=3)
