@@ -35,7 +35,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Checkpoints/replicas per vm
                                    "(sharded over devices when there are several); 1 = one at a time; "
                                    "0 = the device count when there are several, else 1.")
 _SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (Python literal).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk; needed to change the "
+                               "settings of an analysis that has results (its old ones are then deleted).")
 _LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
 _REPRODUCE = flags.DEFINE_enum("reproduce", None, ["cpu", "tiny"], "Train and analyse the papers' experiments.")
 _REPORT = flags.DEFINE_string("report", None, "Report folder for --reproduce (default: reports/<scale>).")
@@ -59,8 +60,10 @@ def parse_settings(items):
 
 def main(argv):
     del argv
+    from sme import cli, io, runs
     from sme.analyses import load_all
-    from sme.analyses.runner import AnalysisError, Request, analyse_run, load_run
+    from sme.analyses.runner import AnalysisError, Request, analyse_run, check_request, read_config, run_settings
+    from sme.config import ConfigError
 
     if _LIST.value:
         for name, analysis in sorted(load_all().items()):
@@ -78,17 +81,19 @@ def main(argv):
         sys.exit("error: --workdir is required")
     try:
         overrides = parse_settings(_SET.value)
+        requests = {}
+        for workdir in _WORKDIR.value:  # every request checked before any data or checkpoint is loaded
+            cfg = read_config(workdir)
+            requests[workdir] = (cfg, Request(tuple(_ANALYSES.value), _STEPS.value, _REPLICA.value,
+                                              run_settings(cfg, _ANALYSES.value, overrides), _OVERWRITE.value,
+                                              _BATCH_SIZE.value))
+            check_request(requests[workdir][1])
         failed = False
-        for workdir in _WORKDIR.value:
-            cfg, _, _ = load_run(workdir)
+        for workdir, (cfg, request) in requests.items():
             if cfg.train.dtype == "float64":
                 import jax
 
                 jax.config.update("jax_enable_x64", True)
-            settings = {name: {**(cfg.analysis[name].to_dict() if name in cfg.analysis else {}), **overrides.get(name, {})}
-                        for name in _ANALYSES.value}
-            request = Request(tuple(_ANALYSES.value), _STEPS.value, _REPLICA.value, settings, _OVERWRITE.value,
-                              _BATCH_SIZE.value)
             summary = analyse_run(workdir, request)
             print(f"{workdir}: wrote {workdir}/analysis ({', '.join(_ANALYSES.value)})")
             for failure in summary.get("failures", []):
@@ -101,9 +106,13 @@ def main(argv):
             print(f"comparison of {len(_WORKDIR.value)} runs in {_COMPARE.value}")
         if failed:
             sys.exit(1)
-    except (AnalysisError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    except (AnalysisError, ValueError, ConfigError, runs.RunError, io.CorruptArtifact) as err:
+        cli.fail(err, 1)
+    except OSError as err:  # a full disk, a permission: results written before stay intact
+        cli.fail(err, 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from sme.cli import flags_parser
+
+    app.run(main, flags_parser=flags_parser)

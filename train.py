@@ -5,7 +5,10 @@
     python train.py --config=configs/e2_noise.py:sgd      # a config's variant -> runs/e2_noise_sgd
     python train.py --config=configs/base.py --config.model.keep_prob=0.5 --config.optim.lr=0.05
 
-Re-running with the same --workdir resumes from the newest valid checkpoint.
+Re-running with the same --workdir resumes from the newest valid checkpoint (a finished run
+prints its final metrics and does nothing else). One process writes a workdir at a time (a lock);
+--restart starts over in a workdir whose checkpoints cannot be read. Errors are one line; add
+--verbosity=1 for the traceback.
 """
 
 import os
@@ -16,6 +19,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config (a Python file).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+_RESTART = flags.DEFINE_bool("restart", False, "Start over from step 0 when no checkpoint in --workdir can be read "
+                             "(or it has results but no config.json), discarding its checkpoints and metrics.")
 
 
 def default_run_name(config_arg: str) -> str:
@@ -33,22 +38,26 @@ def main(argv):
     if cfg.train.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from configs import base
+    from sme import cli, driver, io, runs
     from sme import config as config_lib
-    from sme.train.loop import NonFiniteLoss, run
+    from sme.train.loop import NonFiniteLoss
 
     workdir = _WORKDIR.value or os.path.join("runs", default_run_name(
         config_flags.get_config_filename(flags.FLAGS["config"])))
     logging.info("workdir: %s", os.path.abspath(workdir))
     try:
         config_lib.check_fields(cfg, base.get_config())
-        record = run(cfg, workdir)
-    except (config_lib.ConfigError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        record = driver.run(cfg, workdir, restart=_RESTART.value)
+    except (config_lib.ConfigError, NonFiniteLoss, runs.RunError, io.CorruptArtifact) as err:
+        cli.fail(err, 2)
+    except OSError as err:  # a full disk, a permission: earlier files are intact (atomic writes)
+        cli.fail(err, 1)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k in ("train/risk", "test/risk", "test/acc"))
     print(f"done: step {record['step']}: {summary}\noutputs in {os.path.abspath(workdir)}")
 
 
 if __name__ == "__main__":
+    from sme.cli import flags_parser
+
     flags.mark_flags_as_required([])
-    app.run(main)
+    app.run(main, flags_parser=flags_parser)

@@ -6,7 +6,7 @@ Experiment configs import this and override a few fields. Run:
 
 Fields (validated at start-up by `sme.config.validate`, before anything is written):
 
-seed                int >= 0. Root of every key stream (sme.rng).
+seed                int in [0, 2**63). Root of every key stream (sme.rng); every bit counts.
 data.name           digits | mnist | fashion_mnist | npz | relu_1d | tanh_1d | teacher | cifar10 | cifar100.
 data.path           directory of IDX files (mnist, fashion_mnist) or an .npz file (npz); cifar10/100:
                     the unpacked binary version (data_batch_*.bin; train.bin, test.bin).

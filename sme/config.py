@@ -107,7 +107,8 @@ def parse_checkpoint_steps(spec: str, num_steps: int) -> list[int]:
 def validate(cfg) -> None:
     """Check every static field; raises ConfigError naming field, value and allowed range."""
     c = cfg
-    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "must be an integer >= 0")
+    _check(isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed < 2**63, "seed", c.seed,
+           "must be an integer in [0, 2**63)")
     d = c.data
     _check(d.name in data_lib.DATASET_NAMES, "data.name", d.name, f"must be one of {data_lib.DATASET_NAMES}")
     for field in ("num_train", "num_test"):

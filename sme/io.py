@@ -13,12 +13,22 @@ leaves' bytes in ``__sha256__``. Writes go to a temporary file in the same
 directory, are fsynced, then atomically renamed, so a crash leaves either the
 old file or the new one, never half of one. Loading recomputes the hash and
 raises `CorruptCheckpoint` on any mismatch, missing leaf, shape or dtype change.
+
+Every other artifact is verified the same way: `save_arrays` stores a SHA-256
+of its arrays in ``__sha256__`` and `load_arrays` checks it (and strips it), and
+`write_json(..., digest=True)` stores one of the canonical JSON in
+``__sha256__`` that `read_json` checks; a mismatch or an unreadable file raises
+`CorruptArtifact` naming the file. JSON is strict: a non-finite float is written
+as ``null`` with its reason ("nan", "inf", "-inf") in a sibling field
+``<key>__nonfinite``, and read back as the float.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import math
 import json
 import os
 import re
@@ -33,7 +43,15 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step_(\d+)\.npz$")
 
 
-class CorruptCheckpoint(RuntimeError):
+DIGEST_KEY = "__sha256__"
+NONFINITE = "__nonfinite"  # suffix of the sibling field that gives a null's reason
+
+
+class CorruptArtifact(RuntimeError):
+    """An artifact (arrays or JSON) is unreadable or fails its SHA-256."""
+
+
+class CorruptCheckpoint(CorruptArtifact):
     """A checkpoint file failed verification."""
 
 
@@ -54,25 +72,119 @@ def _atomic_write(path: str, write_fn) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and not err.filename:  # e.g. ENOSPC from write(): name the file
+            raise OSError(err.errno, f"cannot write {path}: {os.strerror(err.errno or errno.EIO)}") from err
         raise
 
 
-def write_json(path: str, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode()))
+def _strict(obj):
+    """``obj`` as strict JSON values: non-finite floats -> None plus a "<key>__nonfinite" sibling."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            k = str(k)
+            if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+                out[k], out[k + NONFINITE] = None, str(float(v))
+            elif isinstance(v, (list, tuple, np.ndarray)) and _has_nonfinite(v):
+                flat = np.asarray(v, np.float64)
+                out[k] = [None if not math.isfinite(x) else x for x in flat.tolist()] if flat.ndim == 1 else _strict(
+                    np.where(np.isfinite(flat), flat, np.nan).tolist())
+                out[k + NONFINITE] = {str(i): str(x) for i, x in enumerate(flat.ravel().tolist())
+                                      if not math.isfinite(x)}
+            else:
+                out[k] = _strict(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _has_nonfinite(values) -> bool:
+    try:
+        a = np.asarray(values, np.float64)
+    except (TypeError, ValueError):
+        return False
+    return a.size > 0 and not np.all(np.isfinite(a))
+
+
+def _restore(obj):
+    """Inverse of `_strict` for the reader: nulls with a "__nonfinite" reason become floats again."""
+    if isinstance(obj, dict):
+        out = {k: _restore(v) for k, v in obj.items() if not k.endswith(NONFINITE)}
+        for k, reason in obj.items():
+            base = k[:-len(NONFINITE)]
+            if not k.endswith(NONFINITE) or base not in out:
+                continue
+            if isinstance(reason, str):
+                out[base] = float(reason)
+            elif isinstance(reason, dict) and isinstance(out[base], list):
+                flat = np.asarray(out[base], dtype=object).ravel()
+                for i, r in reason.items():
+                    flat[int(i)] = float(r)
+                out[base] = np.asarray(flat.tolist(), np.float64).reshape(np.shape(out[base])).tolist()
+        return out
+    if isinstance(obj, list):
+        return [_restore(v) for v in obj]
+    return obj
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def dumps(obj) -> str:
+    """Strict JSON text of ``obj`` (one line, sorted keys; non-finite floats as null + reason)."""
+    return json.dumps(_strict(obj), sort_keys=True, allow_nan=False)
+
+
+def write_json(path: str, obj: Any, *, digest: bool = False) -> None:
+    """Atomically write strict JSON; with ``digest`` (a dict) add its SHA-256 under ``__sha256__``."""
+    obj = _strict(obj)
+    if digest:
+        obj = {**obj, DIGEST_KEY: hashlib.sha256(_canonical(obj).encode()).hexdigest()}
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """Parse, verify (when it carries ``__sha256__``) and return a JSON file, non-finite floats restored.
+
+    Raises:
+      CorruptArtifact: the file is not valid JSON or fails its SHA-256.
+    """
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptArtifact(f"{path}: not valid JSON ({err})") from None
+    if isinstance(obj, dict) and DIGEST_KEY in obj:
+        stored = obj.pop(DIGEST_KEY)
+        if hashlib.sha256(_canonical(obj).encode()).hexdigest() != stored:
+            raise CorruptArtifact(f"{path}: SHA-256 mismatch, the file is corrupt")
+    return _restore(obj)
 
 
 def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
+    """Append one strict-JSON line. A line cut by a crash or a full disk is dropped by `read_jsonl`."""
+    try:
+        with open(path, "a") as f:
+            f.write(dumps(record) + "\n")
+            f.flush()
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {os.strerror(err.errno or errno.EIO)}") from err
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -84,30 +196,81 @@ def read_jsonl(path: str) -> list[dict]:
             line = line.strip()
             if line:
                 try:
-                    records.append(json.loads(line))
+                    records.append(_restore(json.loads(line)))
                 except json.JSONDecodeError:
                     break  # a line cut by a crash ends the usable log
     return records
 
 
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Atomically replace a JSONL file by ``records``."""
+    text = "".join(dumps(r) + "\n" for r in records)
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def truncate_jsonl(path: str, max_step: int) -> None:
-    """Keep only records with step <= max_step (used when resuming from a checkpoint)."""
-    records = [r for r in read_jsonl(path) if r.get("step", -1) <= max_step]
-    _atomic_write(path, lambda f: f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()))
+    """Keep the records with step <= max_step, in strictly increasing step order (resuming from a
+    checkpoint): a line cut by a crash, and any duplicate or out-of-order line, is dropped."""
+    records, last = [], -1
+    for r in read_jsonl(path):
+        step = r.get("step", -1)
+        if last < step <= max_step:
+            records.append(r)
+            last = step
+    write_jsonl(path, records)
 
 
-def save_arrays(path: str, arrays: dict[str, Any]) -> None:
-    """Atomically write a dict of arrays as .npz (analysis artifacts)."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over sorted names, dtypes, shapes and bytes of a dict of arrays."""
+    names = sorted(arrays)
+    return _digest(names, [arrays[n] for n in names])
+
+
+def save_arrays(path: str, arrays: dict[str, Any], *, meta: dict[str, str] | None = None) -> None:
+    """Atomically write a dict of arrays as .npz with their SHA-256 under ``__sha256__``.
+
+    ``meta`` (e.g. {"settings": digest}) is stored as strings under ``__<name>__``, inside the hash.
+    """
+    arrays = {k: np.asarray(v) for k, v in arrays.items() if k != DIGEST_KEY}
     for k, v in arrays.items():
         if v.dtype == object:
             raise TypeError(f"save_arrays: {k!r} is an object array; only numeric/string arrays are stored")
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    arrays.update({f"__{k}__": np.array(str(v)) for k, v in (meta or {}).items()})
+    payload = {**arrays, DIGEST_KEY: np.array(digest_arrays(arrays))}
+    _atomic_write(path, lambda f: np.savez(f, **payload))
 
 
-def load_arrays(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+def load_artifact(path: str, *, require_digest: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(arrays, meta) of an .npz written by `save_arrays`, verified against its ``__sha256__``
+    (meta["sha256"], when stored).
+
+    Files without a digest (written by other tools) load unverified unless ``require_digest``.
+
+    Raises:
+      FileNotFoundError: no file.
+      CorruptArtifact: unreadable file, digest mismatch, or no digest when one is required.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptArtifact(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    stored = arrays.pop(DIGEST_KEY, None)
+    if stored is None and require_digest:
+        raise CorruptArtifact(f"{path}: no SHA-256 stored (not written by sme, or by an older version)")
+    if stored is not None and digest_arrays(arrays) != str(stored):
+        raise CorruptArtifact(f"{path}: SHA-256 mismatch, the file is corrupt")
+    meta = {k[2:-2]: str(arrays.pop(k)) for k in [k for k in arrays if k.startswith("__") and k.endswith("__")]}
+    if stored is not None:
+        meta["sha256"] = str(stored)
+    return arrays, meta
+
+
+def load_arrays(path: str, *, require_digest: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, verified as `load_artifact` does (without its metadata)."""
+    return load_artifact(path, require_digest=require_digest)[0]
 
 
 def _leaf_names(tree) -> tuple[list[str], list[Any], Any]:
@@ -132,7 +295,12 @@ def checkpoint_path(workdir: str, step: int) -> str:
 
 
 def save_checkpoint(workdir: str, step: int, state) -> str:
-    """Atomically write `state` (any pytree of arrays) as the checkpoint of `step`."""
+    """Atomically write `state` (any pytree of arrays) as the checkpoint of `step`, then read it
+    back and verify it (so a caller may delete older checkpoints once this returns).
+
+    Raises:
+      CorruptCheckpoint: the file read back does not verify.
+    """
     names, leaves, _ = _leaf_names(state)
     arrays = [np.asarray(jax.device_get(leaf)) for leaf in leaves]
     payload = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
@@ -140,6 +308,7 @@ def save_checkpoint(workdir: str, step: int, state) -> str:
     payload["__sha256__"] = np.array(_digest(names, arrays))
     path = checkpoint_path(workdir, step)
     _atomic_write(path, lambda f: np.savez(f, **payload))
+    read_checkpoint(path)
     return path
 
 
@@ -190,9 +359,12 @@ def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def latest_valid_checkpoint(workdir: str, like, *, log=print):
-    """The newest checkpoint that verifies, as (step, state); corrupt ones are reported and skipped."""
+def latest_valid_checkpoint(workdir: str, like, *, log=print, max_step: int | None = None):
+    """The newest checkpoint (at most ``max_step``) that verifies, as (step, state), or None;
+    corrupt ones are reported and skipped."""
     for step, path in reversed(list_checkpoints(workdir)):
+        if max_step is not None and step > max_step:
+            continue
         try:
             return step, load_checkpoint(path, like)
         except CorruptCheckpoint as err:

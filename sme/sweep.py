@@ -10,13 +10,17 @@ times. Artifacts (the workdir layout of `sme.io`, plus):
         Richardson, <v>/fine and <v>/coarse; dist/<path> (T_e, B); steps, times (T_e,); g_names (G,);
         lr, keep_prob, num_replicas, horizon, seconds, diverged_step (first step with a non-finite
         value, -1: none) and diverged_series (those series, comma-separated; the other processes keep
-        going); cell_config (JSON) and digest
-        (SHA-256 of the rest). A cell whose file verifies and whose config matches is skipped on
-        re-run, so an interrupted sweep resumes where it stopped with the same numbers.
+        going); cell_config (JSON); ``__sha256__`` of the rest (`sme.io.save_arrays`). A cell
+        whose file verifies and whose config matches is skipped on re-run, so an interrupted
+        sweep resumes where it stopped with the same numbers; an invalid one is reported and redone.
     <workdir>/metrics.jsonl   per logged step: cell, keep_prob, lr, step, t, "<series>/<g>/mean",
         "<series>/<g>/var" (over replicas) and "<path>/dist/mean" (mean ||theta_N - Theta|| to the
         discrete path of the same replica).
     <workdir>/checkpoints/step_000000000.npz   the initial state, so `analyze.py` finds the run.
+
+The sweep holds the workdir lock (`sme.runs.WorkdirLock`) while it runs, writes config.json and
+checks it on resume like the training loop (`sme.runs`), and is chosen over training by
+`sme.driver.run`.
 
 Every number is a function of the config (keys of (seed, stream, step, substep, replica)), so chunking,
 interruption and the device count do not change it beyond float re-association.
@@ -24,10 +28,9 @@ interruption and the device count do not change it beyond float re-association.
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -36,9 +39,10 @@ import numpy as np
 from absl import logging
 
 from sme import config as config_lib
-from sme import io, lockstep, rng
+from sme import io, lockstep, rng, runs
 from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, check_diffusion, draw_masks
 from sme.losses import check_closed_form
+from sme.train.state import init_state
 from sme.weak_error import replica_moments
 
 SME_DIR = "sme"
@@ -76,61 +80,34 @@ def cell_name(keep_prob: float, lr: float) -> str:
     return f"p{keep_prob:g}_lr{lr:g}"
 
 
-def cell_path(workdir: str, keep_prob: float, lr: float) -> str:
-    return os.path.join(workdir, SME_DIR, f"cell_{cell_name(keep_prob, lr)}.npz")
-
-
-def _digest(arrays: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+def cell_path(workdir: str, keep_prob, lr) -> str:
+    """The cell file of (keep_prob, lr); strings are used verbatim (a glob pattern: "*", "*")."""
+    name = f"p{keep_prob}_lr{lr}" if isinstance(keep_prob, str) else cell_name(keep_prob, lr)
+    return os.path.join(workdir, SME_DIR, f"cell_{name}.npz")
 
 
 def save_cell(path: str, arrays: dict) -> None:
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    io.save_arrays(path, {**arrays, "digest": np.array(_digest(arrays))})
+    io.save_arrays(path, arrays)  # with its SHA-256
 
 
 def load_cell(path: str, expected_config: str | None = None) -> dict | None:
-    """The cell's arrays if the file verifies (and its config matches), else None."""
+    """The cell's arrays if the file verifies (and its config matches), else None (reported)."""
     if not os.path.exists(path):
         return None
     try:
-        arrays = io.load_arrays(path)
-    except Exception as err:  # truncated or foreign files come in many types
-        logging.warning("recomputing %s: unreadable (%s)", path, err)
-        return None
-    digest = str(arrays.pop("digest", ""))
-    if digest != _digest(arrays):
-        logging.warning("recomputing %s: SHA-256 mismatch", path)
+        arrays, meta = io.load_artifact(path, require_digest=False)
+        legacy = arrays.pop("digest", None)  # cells written before io stored __sha256__: same hash rule
+        if legacy is None and "sha256" not in meta:
+            raise io.CorruptArtifact(f"{path}: no SHA-256 stored")
+        if legacy is not None and str(legacy) != io.digest_arrays(arrays):
+            raise io.CorruptArtifact(f"{path}: SHA-256 mismatch, the file is corrupt")
+    except io.CorruptArtifact as err:
+        logging.warning("recomputing %s", err)
         return None
     if expected_config is not None and str(arrays.get("cell_config")) != expected_config:
         logging.warning("recomputing %s: made with a different config", path)
         return None
     return arrays
-
-
-def _rewrite_jsonl(path: str, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def _shard(tree, num_replicas: int):
-    """Shard the leading replica axis over devices (as `sme.train.loop._shard`) when R divides evenly."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_replicas % len(devices):
-        return tree
-    mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return lockstep.Lockstep(jax.device_put(tree.step, whole), jax.device_put(tree.paths, split))
 
 
 def eval_steps(num_steps: int, num_evals: int) -> list[int]:
@@ -197,7 +174,7 @@ def run_cell(cfg, ctx: _PerKeepProb, keep_prob: float, lr: float, horizon: float
     s = cfg.sde
     num_steps = int(round(horizon / lr))
     steps = eval_steps(num_steps, s.num_evals)
-    state = _shard(lockstep.init_lockstep(ctx.params0, ctx.spec, s.num_replicas), s.num_replicas)
+    state = runs.shard_leading(lockstep.init_lockstep(ctx.params0, ctx.spec, s.num_replicas))
     name, tic = cell_name(keep_prob, lr), time.time()
     lr_arr = jnp.asarray(lr, ctx.problem.x.dtype)
     results, records, diverged, diverged_series, done = [], [], -1, [], 0
@@ -226,33 +203,48 @@ def run_cell(cfg, ctx: _PerKeepProb, keep_prob: float, lr: float, horizon: float
     return arrays, records
 
 
-def run_sde(cfg, workdir: str, setup) -> dict:
-    """The sweep of `cfg` (already validated into `setup`), resuming finished cells. Returns a
-    record with the last cell's final discrete R_S and the number of cells."""
-    from sme.train import loop  # the training loop's run bookkeeping (config check, versions, state)
+def run_sde(cfg, workdir: str, setup, *, restart: bool = False) -> dict:
+    """The sweep of `cfg` (already validated into `setup`), resuming finished cells, under the
+    workdir lock. Returns a record with the last cell's final discrete R_S and the number of cells.
 
+    Raises:
+      ConfigError: a model-dependent sde check fails, or the workdir holds another config.
+      RunError: the workdir is busy, unusable, or holds results but no config.json (unless ``restart``).
+    """
     lrs, keep_probs, horizon = config_lib.sde_grids(cfg)
     per_p = {p: _PerKeepProb(cfg, setup, p) for p in keep_probs}  # model checks before any write
-    loop._check_same_run(cfg, workdir)
+    runs.check_workdir(workdir)
+    with runs.WorkdirLock(workdir, "SME sweep"):
+        return _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart)
+
+
+def _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart) -> dict:
+    runs.clean_temporaries(workdir)
+    if not runs.check_same_run(cfg, workdir):
+        held = ([p for _, p in io.list_checkpoints(workdir)] + glob.glob(cell_path(workdir, "*", "*"))
+                + glob.glob(os.path.join(workdir, runs.METRICS_FILE)))
+        if held and not restart:
+            raise runs.RunError(f"{workdir} holds results but no {runs.CONFIG_FILE}, so it cannot be checked to be "
+                                "this run; nothing was changed. Use another --workdir, or --restart to discard them")
+        for path in held:  # --restart: start over
+            os.remove(path)
+        runs.write_run_config(
+            workdir, cfg, num_train=setup.dataset.num_train, num_test=len(setup.dataset.x_test),
+            num_params=int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(per_p[keep_probs[0]].params0))))
     os.makedirs(os.path.join(workdir, SME_DIR), exist_ok=True)
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        io.write_json(os.path.join(workdir, "config.json"), {
-            "config": cfg.to_dict(), "versions": loop.versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "num_train": setup.dataset.num_train, "num_test": len(setup.dataset.x_test),
-            "num_params": int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(per_p[keep_probs[0]].params0)))})
     if not io.list_checkpoints(workdir):
         dtype = jnp.dtype(cfg.train.dtype)
-        state = loop.init_state(setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
-                                share_init=cfg.train.share_init, dtype=dtype)
+        state = init_state(setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
+                           share_init=cfg.train.share_init, dtype=dtype)
         io.save_checkpoint(workdir, 0, jax.device_get(state))
     cells = [(p, lr) for p in keep_probs for lr in lrs]
     configs = {c: cell_config(cfg, c[0], c[1], horizon, per_p[c[0]].spec) for c in cells}
     done = {c for c in cells if load_cell(cell_path(workdir, *c), configs[c]) is not None}
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
     records = io.read_jsonl(metrics_path)
     kept = [r for r in records if (r.get("keep_prob"), r.get("lr")) in done]
-    if len(kept) != len(records):
-        _rewrite_jsonl(metrics_path, kept)  # lines of unfinished cells are redone
+    if len(kept) != len(records) or os.path.exists(metrics_path) and len(records) != _num_lines(metrics_path):
+        io.write_jsonl(metrics_path, kept)  # lines of unfinished cells (and a line cut by a kill) are redone
     last, start = None, time.time()
     for i, (p, lr) in enumerate(cells):
         if (p, lr) in done:
@@ -272,3 +264,8 @@ def run_sde(cfg, workdir: str, setup) -> dict:
     final = ([r for r in io.read_jsonl(metrics_path) if r.get("cell") == cell_name(*cells[-1])] or [{}])[-1]
     return {"step": int(final.get("step", 0)), "cells": len(cells),
             "train/risk": float(final.get("discrete/R_S/mean", float("nan")))}
+
+
+def _num_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())

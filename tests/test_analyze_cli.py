@@ -63,7 +63,7 @@ def test_compare_runs_collects_each_runs_numbers(smoke_run):
     out = tmp / "compare"
     proc = _run([os.path.join(root, "analyze.py"), f"--workdir={workdir},{other}", "--analyses=profile",
                  "--steps=last", "--set=profile.num_directions=1", "--set=profile.num_points=5",
-                 f"--compare={out}"], tmp)
+                 f"--compare={out}", "--overwrite"], tmp)  # other settings than the first test's: --overwrite
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.load(open(out / "compare.json"))["profile"]["loss_at_params"]
     for label, path in (("run", workdir), ("other", other)):

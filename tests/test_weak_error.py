@@ -11,7 +11,7 @@ import pytest
 
 from configs import sme_weak_error
 from sme import config as config_lib
-from sme import io, lockstep, rng, sweep, weak_error
+from sme import driver, io, lockstep, rng, sweep, weak_error
 from sme.train import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +173,7 @@ def test_bad_sde_values_fail_at_start_naming_the_field(field, value, message, tm
     block, leaf = field.split(".")
     cfg[block][leaf] = value
     with pytest.raises(config_lib.ConfigError, match=f"config.{field}"):
-        loop.run(cfg, str(tmp_path / "run"))
+        driver.run(cfg, str(tmp_path / "run"))
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.build(cfg)
     assert not (tmp_path / "run").exists()
@@ -183,14 +183,14 @@ def test_model_dependent_sde_checks_fail_before_writing(tmp_path):
     cfg = _regression_config(diffusion="closed_form")
     cfg.model.hidden, cfg.model.name, cfg.model.dropout_layers = (3, 4), "mlp", "0"  # dropout before the readout
     with pytest.raises(config_lib.ConfigError, match="dropout on the last hidden layer only"):
-        loop.run(cfg, str(tmp_path / "run"))
+        driver.run(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
 def test_sweep_in_process_logs_both_processes_and_skips_finished_cells(tmp_path):
     cfg = _regression_config(variants="order1", keep_prob_grid="0.8", lr_grid="0.2,0.1", num_replicas=40,
                              num_batches=4, richardson=False)
-    record = loop.run(cfg, str(tmp_path))
+    record = driver.run(cfg, str(tmp_path))
     assert record["cells"] == 2 and record["step"] == 4
     records = io.read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [(r["cell"], r["step"]) for r in records] == [("p0.8_lr0.2", s) for s in (0, 1, 2)] + [
@@ -202,13 +202,13 @@ def test_sweep_in_process_logs_both_processes_and_skips_finished_cells(tmp_path)
     j = list(cell["g_names"]).index("R_S")
     assert last["order1/R_S/mean"] == pytest.approx(float(cell["mean/order1"][-1, :, j].astype(np.float64).mean()))
     stamp = os.path.getmtime(sweep.cell_path(str(tmp_path), 0.8, 0.2))
-    loop.run(cfg, str(tmp_path))
+    driver.run(cfg, str(tmp_path))
     assert os.path.getmtime(sweep.cell_path(str(tmp_path), 0.8, 0.2)) == stamp  # skipped, not rewritten
     assert io.read_jsonl(str(tmp_path / "metrics.jsonl")) == records
     other = _regression_config(variants="order1,order2", keep_prob_grid="0.8", lr_grid="0.2,0.1",
                                num_replicas=40, num_batches=4, richardson=False)
     with pytest.raises(config_lib.ConfigError, match="different config"):
-        loop.run(other, str(tmp_path))
+        driver.run(other, str(tmp_path))
 
 
 @pytest.mark.slow

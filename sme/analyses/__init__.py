@@ -15,6 +15,11 @@ checkpoints at once.
 
 Analyses register themselves with `register`; modules are imported by
 `load_all()` so that importing `sme` stays free of side effects.
+
+Settings contract: ``fn`` validates ``ctx.settings`` (``common.fill_settings``
+and any further checks of the settings alone) before it reads anything else
+from the context. `check_settings` relies on it to reject a bad ``--set`` for
+every requested analysis before any data or checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -108,3 +113,34 @@ def load_all() -> dict[str, Analysis]:
 def as_numpy(result: dict) -> dict[str, np.ndarray]:
     """Convert an analysis result to NumPy arrays (strings become 0-d unicode arrays)."""
     return {k: np.asarray(v) for k, v in result.items()}
+
+
+class _SettingsChecked(Exception):
+    """Raised by `_SettingsProbe` when an analysis reads past its settings: they were accepted."""
+
+
+class _SettingsProbe:
+    """A stand-in Context holding only ``settings``; reading any other field ends the probe."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def __getattr__(self, name):
+        raise _SettingsChecked(name)
+
+
+def check_settings(name: str, settings: dict) -> None:
+    """Validate an analysis's settings without data or parameters (see the settings contract above).
+
+    Raises:
+      ValueError: from the analysis's own validation, naming the analysis and setting.
+    """
+    analysis = load_all()[name]
+    try:
+        analysis.fn(_SettingsProbe(dict(settings)), key=None)
+    except _SettingsChecked:
+        return
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - not a settings error (e.g. the probe's missing key); the run decides
+        return

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sme import losses
+from sme import io, losses, runs
 from sme.analyses import Context
 from sme.dropout import num_droppable_units
 
@@ -112,15 +112,11 @@ def _vmapped(core, in_axes: tuple):
 
 
 def shard_batch(tree):
-    """Split a pytree's leading axis over a ("batch",) mesh of all devices (unchanged on one device).
+    """Split a pytree's leading axis over a ("batch",) mesh of all devices (`sme.runs.shard_leading`).
 
     The axis length must be a multiple of the device count (`map_stacked` pads it).
     """
-    devices = jax.devices()
-    if len(devices) < 2:
-        return tree
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    return runs.shard_leading(tree, "batch")
 
 
 def map_stacked(core, items: list[tuple], in_axes: tuple) -> list:
@@ -170,14 +166,14 @@ def run_single(plan, ctx: Context, key) -> dict:
 
 def load_step_artifacts(directory: str, steps) -> list[tuple[int, dict]]:
     """(step, arrays) of ``step_XXXXXXXXX.npz`` (or unpadded ``step_N.npz``) in ``directory``,
-    ascending by step; steps without a file are skipped."""
+    ascending by step; steps without a file are skipped. Each file is verified against its SHA-256
+    (`sme.io.load_arrays`: CorruptArtifact names a bad one)."""
     out = []
     for step in sorted({int(s) for s in steps}):
         for name in (f"step_{step:09d}.npz", f"step_{step}.npz"):
             path = os.path.join(directory, name)
             if os.path.exists(path):
-                with np.load(path, allow_pickle=False) as f:
-                    out.append((step, {k: f[k] for k in f.files}))
+                out.append((step, io.load_arrays(path)))
                 break
     return out
 

@@ -9,16 +9,31 @@ name, step, replica)``, and write ``analysis/<name>/step_<N>.npz`` (or
 function on the written files (one directory each). Analyses with a
 ``batch_fn`` take up to ``batch_size`` checkpoints (and replicas) per call,
 vmapped and sharded over devices, with the same keys and results as one at a
-time. Results already on disk are reused unless ``overwrite``; a
-failing analysis is reported and the others go on, so finished work is never lost.
+time. A failing analysis is reported and the others go on, so finished work is never lost.
 
-A summary JSON (``analysis/summary.json``) collects every scalar result per
-analysis (or ``<name>/replica_<r>``) and step.
+Results are keyed by their settings. Every analysis directory holds
+``settings.json`` (the settings as a JSON object and their SHA-256 digest,
+`sme.runs.settings_digest`), and every artifact stores the same digest and its
+own SHA-256. An artifact is reused only when it verifies and its digest is the
+requested one; an invalid one is reported and recomputed. Asking for other
+settings than a directory holds is refused (before any work) unless
+``overwrite``, which then deletes that directory's old artifacts, so all steps of
+one directory always share one digest. Settings of every requested analysis are
+checked (`sme.analyses.check_settings`) before the run's data or checkpoints are
+loaded.
+
+A summary JSON (``analysis/summary.json``, with its SHA-256) collects every scalar
+result per analysis (or ``<name>/replica_<r>``) and step. The run holds the
+workdir lock (`sme.runs.WorkdirLock`) throughout, and summary updates are
+read-merge-write; a corrupt summary is reported and rebuilt from the verified
+artifacts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
 import time
 import traceback
@@ -29,10 +44,13 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from sme import config as config_lib
-from sme import io, rng
-from sme.analyses import Context, as_numpy, load_all
-from sme.train.loop import init_state
+from sme import io, rng, runs
+from sme.analyses import Context, as_numpy, check_settings, load_all
+from sme.train.state import init_state
 from sme.train.state import replica as take_replica
+
+SETTINGS_FILE = "settings.json"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +82,43 @@ class AnalysisError(ValueError):
     """Bad analysis request (unknown name, missing run, missing checkpoint)."""
 
 
-def load_run(workdir: str):
-    """The run's config (ConfigDict), setup (data, model, ...) and the state layout."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise AnalysisError(f"{workdir}: no config.json (not a training run directory)")
-    cfg = ConfigDict(io.read_json(path)["config"])
+def read_config(workdir: str) -> ConfigDict:
+    """The run's config from its verified config.json, without loading data. Raises AnalysisError."""
+    try:
+        cfg = ConfigDict(runs.read_run_config(workdir)["config"])
+    except runs.RunError as err:
+        raise AnalysisError(f"{err}") from None
     for block in ("model",):  # JSON turns tuples into lists; the config edge wants tuples
         for k, v in cfg[block].items():
             if isinstance(v, list):
                 cfg[block][k] = tuple(v)
+    return cfg
+
+
+def run_settings(cfg, names, overrides: dict) -> dict:
+    """name -> settings: the run's ``config.analysis.<name>`` block overridden by ``overrides[name]``."""
+    return {name: {**(cfg.analysis[name].to_dict() if name in cfg.get("analysis", {}) else {}),
+                   **overrides.get(name, {})} for name in names}
+
+
+def check_request(request: Request) -> None:
+    """Names, batch size and every analysis's settings, checked without data. Raises AnalysisError."""
+    registry = load_all()
+    unknown = [n for n in request.names if n not in registry]
+    if unknown:
+        raise AnalysisError(f"unknown analyses {unknown}; available: {sorted(registry)}")
+    if request.batch_size < 0:
+        raise AnalysisError(f"--batch_size={request.batch_size} must be >= 0 (0 = auto)")
+    for name in request.names:
+        try:
+            check_settings(name, request.settings.get(name, {}))
+        except ValueError as err:
+            raise AnalysisError(str(err)) from None
+
+
+def load_run(workdir: str):
+    """The run's config (ConfigDict), setup (data, model, ...) and the state layout."""
+    cfg = read_config(workdir)
     setup = config_lib.build(cfg)
     like = jax.eval_shape(lambda: init_state(
         setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
@@ -89,7 +134,10 @@ def select_steps(available: list[int], spec: str, workdir: str) -> list[int]:
         return available
     if spec == "last":
         return available[-1:]
-    wanted = [int(s) for s in spec.split(",")]
+    try:
+        wanted = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise AnalysisError(f"--steps={spec!r}: expected all, last or comma-separated checkpoint steps") from None
     missing = [s for s in wanted if s not in available]
     if missing:
         raise AnalysisError(f"{workdir}: no checkpoint for steps {missing}; available: {available}")
@@ -103,8 +151,18 @@ def _scalars(result: dict) -> dict:
         if a.ndim == 0 and a.dtype.kind in "fiub":
             out[k] = float(a)
         elif a.ndim == 0 and a.dtype.kind == "U":
-            out[k] = str(a)
+            out[k] = _json_object(str(a))
     return out
+
+
+def _json_object(text: str):
+    """A string holding a JSON object (e.g. an analysis's settings) as the object, else the string."""
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
 
 
 def _replicas(request: Request, num_replicas: int) -> list[int]:
@@ -126,7 +184,7 @@ def auto_batch_size() -> int:
 
 
 def analyse_run(workdir: str, request: Request) -> dict:
-    """Run the requested analyses on one run; returns the summary written to disk.
+    """Run the requested analyses on one run, under its workdir lock; returns the summary on disk.
 
     Checkpoints are taken in near-equal chunks of at most ``batch_size`` (checkpoint, replica)
     items, so only a chunk's parameters are in memory; within a chunk each analysis with a
@@ -134,30 +192,71 @@ def analyse_run(workdir: str, request: Request) -> dict:
     the same size by repeating its last item (so one compilation serves the whole run), the others
     one item at a time. A failing group is retried one item at a time, so only the failing items
     are lost.
+
+    Raises:
+      AnalysisError: a bad request, or settings that differ from those on disk without ``overwrite``
+        (before anything is computed or written).
+      RunError: the workdir is in use by another writer, or not writable.
     """
-    registry = load_all()
-    unknown = [n for n in request.names if n not in registry]
-    if unknown:
-        raise AnalysisError(f"unknown analyses {unknown}; available: {sorted(registry)}")
-    if request.batch_size < 0:
-        raise AnalysisError(f"--batch_size={request.batch_size} must be >= 0 (0 = auto)")
-    batch_size = request.batch_size or auto_batch_size()
-    cfg, setup, like = load_run(workdir)
+    check_request(request)
+    cfg = read_config(workdir)
     replicas = _replicas(request, cfg.train.num_replicas)
-    per_replica = str(request.replica) == "all"
     checkpoints = dict(io.list_checkpoints(workdir))
     steps = select_steps(sorted(checkpoints), request.steps, workdir)
-    summary_path = os.path.join(workdir, "analysis", "summary.json")
-    summary = io.read_json(summary_path) if os.path.exists(summary_path) else {}
-    summary.pop("failures", None)  # failures are reported per invocation
-    failures = []
+    runs.check_workdir(workdir)
+    with runs.WorkdirLock(workdir, "analysis"):
+        runs.clean_temporaries(workdir)
+        return _analyse_locked(workdir, request, replicas, checkpoints, steps)
+
+
+def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
+    registry = load_all()
+    per_replica = str(request.replica) == "all"
     # an analysis' directory under analysis/ and its summary key
-    where = lambda name, replica: f"{name}/replica_{replica}" if per_replica else name
+    where = lambda name, replica: f"{name}/replica_{replica}" if per_replica else name  # noqa: E731
+    digests = {name: runs.settings_digest(request.settings.get(name, {})) for name in request.names}
+    labels = {where(name, r): name for name in request.names for r in replicas}
+    stale = {label: _held_settings(workdir, label, digests[name]) for label, name in labels.items()}
+    refused = {label: held for label, held in stale.items() if held is not None}
+    if refused and not request.overwrite:
+        label, held = next(iter(refused.items()))
+        raise AnalysisError(
+            f"{workdir}/analysis/{label} holds results computed with other settings ({held} -> "
+            f"{json.dumps(request.settings.get(labels[label], {}), sort_keys=True)}); pass --overwrite to "
+            "recompute them with the new settings (its old results are deleted), or ask for the old ones")
+    updates: dict = {}
+    failures: list[str] = []
+    for label, name in labels.items():
+        if label in refused:  # --overwrite with new settings: no step of the directory keeps the old ones
+            for path in glob.glob(os.path.join(workdir, "analysis", label, "step_*.npz")):
+                os.remove(path)
+        io.write_json(os.path.join(workdir, "analysis", label, SETTINGS_FILE),
+                      {"analysis": name, "settings": request.settings.get(name, {}), "digest": digests[name]},
+                      digest=True)
+    batch_size = request.batch_size or auto_batch_size()
+    cfg, setup, like = load_run(workdir)
+
+    def reusable(label, step) -> bool:
+        """A verified artifact with the requested settings exists (its scalars go to the summary)."""
+        path = _artifact(workdir, label, step)
+        if request.overwrite or not os.path.exists(path):
+            return False
+        try:
+            arrays, meta = io.load_artifact(path)
+        except io.CorruptArtifact as err:
+            logging.warning("recomputing %s", err)
+            return False
+        if meta.get("settings") != digests[labels[label]]:
+            logging.warning("recomputing %s: computed with other settings", path)
+            return False
+        updates.setdefault(label, {})[str(step)] = _scalars(arrays)
+        return True
+
     chunk = _balanced(len(steps), max(1, batch_size // len(replicas)))  # steps per chunk
     group = _balanced(chunk * len(replicas), batch_size)  # items per batched call
     for start in range(0, len(steps), chunk):
         todo = {name: [(step, r) for step in steps[start:start + chunk] for r in replicas
-                       if request.overwrite or not os.path.exists(_artifact(workdir, where(name, r), step))]
+                       if not reusable(where(name, r), step)]
                 for name in request.names}
         params = {}
         for step in sorted({step for items in todo.values() for step, _ in items}):
@@ -182,9 +281,9 @@ def analyse_run(workdir: str, request: Request) -> dict:
                     if isinstance(result, str):
                         failures.append(f"{label} at step {ctx.step}: {result}")
                         continue
-                    io.save_arrays(_artifact(workdir, label, ctx.step), result)
-                    summary.setdefault(label, {})[str(ctx.step)] = _scalars(result)
-        io.write_json(summary_path, summary)
+                    io.save_arrays(_artifact(workdir, label, ctx.step), result, meta={"settings": digests[name]})
+                    updates.setdefault(label, {})[str(ctx.step)] = _scalars(result)
+        _merge_summary(workdir, updates, cleared=refused)
     for name in request.names:
         for r in replicas:
             label = where(name, r)
@@ -196,9 +295,69 @@ def analyse_run(workdir: str, request: Request) -> dict:
                 except Exception as err:
                     failures.append(f"plot of {label}: {type(err).__name__}: {err}")
                     logging.error("plot of %s failed:\n%s", label, traceback.format_exc())
+    return _merge_summary(workdir, updates, cleared=refused, failures=failures)
+
+
+def _held_settings(workdir: str, label: str, digest: str) -> str | None:
+    """None when ``analysis/<label>`` may serve ``digest`` (its manifest has it, or it holds no
+    results); else the settings it holds, as JSON text for the message."""
+    directory = os.path.join(workdir, "analysis", label)
+    if not glob.glob(os.path.join(directory, "step_*.npz")):
+        return None
+    path = os.path.join(directory, SETTINGS_FILE)
+    try:
+        manifest = io.read_json(path)
+    except FileNotFoundError:
+        return "unrecorded settings"  # results from before settings were recorded
+    except io.CorruptArtifact as err:
+        logging.warning("%s", err)
+        return "unknown settings (settings.json is corrupt)"
+    if manifest.get("digest") == digest:
+        return None
+    return json.dumps(manifest.get("settings"), sort_keys=True)
+
+
+def read_summary(workdir: str) -> dict:
+    """The verified ``analysis/summary.json`` ({} when absent); a corrupt one is reported and rebuilt
+    from the verified artifacts on disk."""
+    path = os.path.join(workdir, "analysis", SUMMARY_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        return io.read_json(path)
+    except io.CorruptArtifact as err:
+        logging.warning("rebuilding %s from the artifacts", err)
+        return rebuild_summary(workdir)
+
+
+def rebuild_summary(workdir: str) -> dict:
+    """{label: {step: scalars}} from every verified ``analysis/<label>/step_<N>.npz``."""
+    root = os.path.join(workdir, "analysis")
+    summary: dict = {}
+    for path in sorted(glob.glob(os.path.join(root, "**", "step_*.npz"), recursive=True)):
+        label = os.path.relpath(os.path.dirname(path), root)
+        try:
+            arrays = io.load_arrays(path, require_digest=True)
+        except io.CorruptArtifact as err:
+            logging.warning("left out of the summary: %s", err)
+            continue
+        summary.setdefault(label, {})[str(int(os.path.basename(path)[5:-4]))] = _scalars(arrays)
+    return summary
+
+
+def _merge_summary(workdir: str, updates: dict, *, cleared=(), failures: list[str] | None = None) -> dict:
+    """Read-merge-write of summary.json (under the workdir lock): the ``cleared`` labels' entries are
+    dropped, then ``updates`` {label: {step: scalars}} replace those steps; ``failures`` are this
+    invocation's."""
+    summary = read_summary(workdir)
+    summary.pop("failures", None)  # failures are reported per invocation
+    for label in cleared:
+        summary.pop(label, None)
+    for label, entries in updates.items():
+        summary.setdefault(label, {}).update(entries)
     if failures:
         summary["failures"] = failures
-    io.write_json(summary_path, summary)
+    io.write_json(os.path.join(workdir, "analysis", SUMMARY_FILE), summary, digest=True)
     return summary
 
 

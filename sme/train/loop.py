@@ -3,14 +3,22 @@
 Order of work, chosen so that bad input never costs compute or finished work:
 
 1. validate the config and load the data (`sme.config.build`), writing nothing;
-2. if the workdir holds a run, check its config matches and resume from the
-   newest checkpoint that verifies (corrupt ones are reported and skipped);
-3. train in chunks: each chunk is one call of a jitted `lax.fori_loop` whose
+2. take the workdir lock (`sme.runs.WorkdirLock`: one writer per workdir) and
+   remove temporary files a killed writer left;
+3. if the workdir holds a run, check its config.json matches and resume from
+   the newest checkpoint that verifies (corrupt ones are reported and skipped),
+   truncating metrics.jsonl to that step. A workdir with results but no
+   config.json, or with metrics but no readable checkpoint, is refused unless
+   ``restart`` (nothing is deleted without it). A finished run is a no-op that
+   returns its final metrics;
+4. train in chunks: each chunk is one call of a jitted `lax.fori_loop` whose
    trip count is traced, so any chunk length reuses one compilation. Chunks end
    at evaluation and checkpoint steps and are sized to print a progress line
    every ``train.log_every_secs`` seconds;
-4. a non-finite loss stops the run naming the step; the state that produced it
-   is never written, so the last good checkpoint stays the newest.
+   A checkpoint is written, read back and verified before older rolling ones
+   are deleted;
+5. a non-finite loss stops the run naming the step and the newest checkpoint
+   before it (whose loss was finite); the state that produced it is never written.
 
 Determinism: every key is a function of (seed, replica, stream, step), so the
 chunking, an interruption or a resume never changes the numbers.
@@ -19,7 +27,6 @@ chunking, an interruption or a resume never changes the numbers.
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import jax
@@ -28,67 +35,15 @@ import numpy as np
 from absl import logging
 
 from sme import config as config_lib
-from sme import io, losses, rng, tensorboard
+from sme import io, losses, runs, tensorboard
 from sme.train.evaluate import make_evaluate
 from sme.train.snapshots import SnapshotBuffer, snapshot_steps
-from sme.train.state import TrainState
+from sme.train.state import init_state  # noqa: F401  (re-exported: callers build states as the loop does)
 from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step
-
-# Config fields that may change when resuming: they do not change the numbers.
-RESUMABLE_CHANGES = ("train.log_every_secs", "log.tensorboard")
 
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a non-finite loss."""
-
-
-def versions() -> dict:
-    import flax
-    import optax
-
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__
-            if hasattr(jax.lib, "__version__") else jax.__version__, "optax": optax.__version__,
-            "flax": flax.__version__, "numpy": np.__version__, "sme": __import__("sme").__version__,
-            "backend": jax.default_backend(), "devices": jax.device_count()}
-
-
-def _check_same_run(cfg, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    saved = io.read_json(path)["config"]
-    now = config_lib._flatten(cfg.to_dict())
-    old = config_lib._flatten(saved)
-    diffs = sorted(k for k in set(now) | set(old)
-                   if k not in RESUMABLE_CHANGES and _norm(now.get(k)) != _norm(old.get(k)))
-    if diffs:
-        detail = ", ".join(f"config.{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in diffs[:5])
-        raise config_lib.ConfigError(
-            f"workdir {workdir} holds a run with a different config ({detail}); "
-            "use a new --workdir or the same config to resume")
-
-
-def _norm(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def init_state(model, optimizer, *, seed: int, num_replicas: int, share_init: bool, dtype) -> TrainState:
-    """Initial state of R replicas; replica r uses key(seed, INIT, r), or replica 0's if shared."""
-    replicas = jnp.zeros(num_replicas, jnp.int32) if share_init else jnp.arange(num_replicas)
-    params = jax.vmap(lambda r: model.init(rng.stream_key(seed, rng.INIT, replica=r), dtype=dtype))(replicas)
-    return TrainState(jnp.asarray(0, jnp.int32), params, jax.vmap(optimizer.init)(params),
-                      jnp.zeros((num_replicas,), dtype))
-
-
-def _shard(state: TrainState, num_replicas: int) -> TrainState:
-    """Shard the replica axis over devices when there are several and R divides evenly."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_replicas % len(devices):
-        return state
-    mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return TrainState(jax.device_put(state.step, whole), *jax.device_put(state[1:], split))
 
 
 def _summarise(values: dict, step: int) -> dict:
@@ -106,22 +61,83 @@ def _boundaries(num_steps: int, eval_every: int, checkpoint_every: int, extra: l
     return sorted(marks | set(extra) | {num_steps})
 
 
-def run(cfg, workdir: str) -> dict:
+def run(cfg, workdir: str, *, restart: bool = False) -> dict:
     """Train as `cfg` says, writing config.json, metrics.jsonl and checkpoints to `workdir`.
 
+    Args:
+      cfg: a training config (``sde.enabled`` runs go through `sme.driver.run`).
+      workdir: the run directory, created if needed; resumed when it holds this run.
+      restart: start over in a workdir whose checkpoints are all unreadable (or that has results
+        but no config.json), discarding its checkpoints, metrics and snapshots.
+
     Returns:
-      The last metrics record (means over replicas).
+      The last metrics record (means over replicas); for a finished run, its final one.
+
+    Raises:
+      ConfigError: invalid config, or the workdir holds a different one.
+      RunError: the workdir is busy, unusable, or nothing in it can be resumed (see ``restart``).
+      NonFiniteLoss: the training loss became non-finite.
     """
     setup = config_lib.build(cfg)  # raises ConfigError before anything is written
-    if "sde" in cfg and cfg.sde.enabled:  # the SME lockstep simulation instead of training
-        from sme.sweep import run_sde
+    if "sde" in cfg and cfg.sde.enabled:
+        raise config_lib.ConfigError("config.sde.enabled=True is an SME sweep, not training: run it with train.py "
+                                     "(sme.driver.run)")
+    if jnp.dtype(cfg.train.dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise config_lib.ConfigError("config.train.dtype='float64' needs jax_enable_x64 (train.py sets it)")
+    runs.check_workdir(workdir)
+    with runs.WorkdirLock(workdir, "training"):
+        return _train(cfg, setup, workdir, restart)
 
-        return run_sde(cfg, workdir, setup)
-    _check_same_run(cfg, workdir)
+
+def _discard(workdir: str, paths: list[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+    logging.warning("--restart: discarded %d files of the previous run in %s", len(paths), workdir)
+
+
+def _resume_point(workdir: str, like, snaps: SnapshotBuffer, has_config: bool, restart: bool):
+    """(step, state) to resume from, or None to start at step 0; refuses what would lose work."""
+    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
+    files = [path for _, path in io.list_checkpoints(workdir)]
+    logged = [r["step"] for r in io.read_jsonl(metrics_path) if r.get("step", 0) > 0]
+    if not has_config:
+        if files and not restart:
+            raise runs.RunError(f"{workdir} holds {len(files)} checkpoints but no {runs.CONFIG_FILE}, so it cannot be "
+                                "checked to be this run; nothing was changed. Use another --workdir, or --restart "
+                                "to discard them")
+        if files:
+            _discard(workdir, files + [metrics_path, snaps.path])
+        return None
+    resumed = io.latest_valid_checkpoint(workdir, like, log=logging.warning)
+    if resumed is None and (files or logged):
+        if not restart:
+            what = f"none of its {len(files)} checkpoints can be read" if files else "it holds no checkpoint"
+            raise runs.RunError(f"{workdir}: {what}, but metrics.jsonl has {len(logged)} records after step 0; "
+                                "refusing to start over. Pass --restart to discard them and train from step 0")
+        _discard(workdir, files + [metrics_path, snaps.path])
+        return None
+    if resumed is None:
+        return None
+    try:
+        snaps.restore(resumed[0])
+    except io.CorruptArtifact as err:
+        logging.warning("%s", err)
+    missing = [s for s in sorted(snaps.steps) if s < resumed[0] and s not in snaps.taken]
+    if missing:  # snapshots lost or corrupt: retrain from before the window (the numbers are the same)
+        snaps.taken.clear()
+        snaps.rows.clear()
+        logging.warning("%s lacks the snapshots of steps %s..%s; retraining from before them", snaps.path,
+                        missing[0], missing[-1])
+        resumed = io.latest_valid_checkpoint(workdir, like, log=logging.warning, max_step=min(snaps.steps))
+    return resumed
+
+
+def _train(cfg, setup, workdir: str, restart: bool) -> dict:
+    runs.clean_temporaries(workdir)
+    has_config = runs.check_same_run(cfg, workdir)
     t = cfg.train
     dtype = jnp.dtype(t.dtype)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise config_lib.ConfigError("config.train.dtype='float64' needs jax_enable_x64 (train.py sets it)")
     ds, model = setup.dataset, setup.model
     x_tr, y_tr = jnp.asarray(ds.x_train, dtype), jnp.asarray(ds.y_train, dtype)
     x_te, y_te = jnp.asarray(ds.x_test, dtype), jnp.asarray(ds.y_test, dtype)
@@ -134,31 +150,30 @@ def run(cfg, workdir: str) -> dict:
 
     state = init_state(model, setup.optimizer, seed=cfg.seed, num_replicas=t.num_replicas,
                        share_init=t.share_init, dtype=dtype)
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    resumed = io.latest_valid_checkpoint(workdir, jax.device_get(state), log=logging.warning)
+    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
+    kept = set(setup.checkpoint_steps)
+    snaps = SnapshotBuffer(workdir, snapshot_steps(t.snapshot_start, t.snapshot_every, t.num_steps))
+    resumed = _resume_point(workdir, jax.device_get(state), snaps, has_config, restart)
     if resumed is not None:
         step, state = resumed
         state = jax.tree_util.tree_map(jnp.asarray, state)
         io.truncate_jsonl(metrics_path, step)
         logging.info("resuming %s from step %d", workdir, step)
     else:
-        io.write_json(os.path.join(workdir, "config.json"), {
-            "config": cfg.to_dict(), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "num_params": int(sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(state.params))),
-            "num_train": ds.num_train, "num_test": len(ds.x_test)})
+        runs.write_run_config(
+            workdir, cfg, num_params=int(sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(state.params))),
+            num_train=ds.num_train, num_test=len(ds.x_test))
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
-    state = _shard(state, t.num_replicas)
+    state = runs.shard_leading(state)
     board = tensorboard.open_writer(workdir, enabled="log" in cfg and bool(cfg.log.tensorboard),
                                     resume_step=None if resumed is None else resumed[0])  # off: does nothing
 
-    kept = set(setup.checkpoint_steps)
-    snaps = SnapshotBuffer(workdir, snapshot_steps(t.snapshot_start, t.snapshot_every, t.num_steps))
     marks = _boundaries(t.num_steps, t.eval_every, t.checkpoint_every, sorted(kept | snaps.steps))
     step = int(state.step)
-    snaps.restore(step)
-    record = {}
+    snaps.maybe_take(step, state.params)  # a resume at a snapshot step whose row was not kept
+    records = io.read_jsonl(metrics_path)
+    record = records[-1] if records and records[-1]["step"] == step else {}
 
     last_point = [time.time(), int(state.step)]
 
@@ -180,20 +195,25 @@ def run(cfg, workdir: str) -> dict:
 
     def save(step):
         snaps.save()  # first: a checkpoint never exists without the snapshots before it
-        io.save_checkpoint(workdir, step, jax.device_get(state))
+        io.save_checkpoint(workdir, step, jax.device_get(state))  # read back and verified
         for old_step, path in io.list_checkpoints(workdir):
             if old_step < step and old_step not in kept:
                 os.remove(path)  # rolling resume checkpoint superseded
 
-    records = io.read_jsonl(metrics_path)
     last_record = [records[-1]["step"] if records else 0]
     if resumed is None:
         log_point(0)
         snaps.maybe_take(0, state.params)
         if 0 in kept:
             save(0)
+    elif step == t.num_steps:
+        if not record:  # killed between the final checkpoint and its metrics line
+            log_point(step)
+        logging.info("%s: the run is finished (step %d); nothing to do", workdir, step)
+        board.close()
+        return record
 
-    chunk, last_log, start, start_step = 1, time.time(), time.time(), step
+    chunk, last_log, start, start_step, compile_secs = 1, time.time(), time.time(), step, None
     while step < t.num_steps:
         target = next(m for m in marks if m > step)
         n = min(target - step, chunk)
@@ -201,7 +221,8 @@ def run(cfg, workdir: str) -> dict:
         new_state, bad = advance(state, jnp.asarray(n, jnp.int32), x_tr, y_tr)
         bad = int(bad)
         if bad >= 0:
-            good = [s for s, _ in io.list_checkpoints(workdir)]
+            # The loss at step s is that of the checkpoint of step s: only steps before `bad` are good.
+            good = [s for s, _ in io.list_checkpoints(workdir) if s < bad]
             raise NonFiniteLoss(
                 f"non-finite training loss at step {bad}; stopped without saving it. "
                 f"Last good checkpoint: step {good[-1] if good else 'none'} in {workdir}/checkpoints. "
@@ -209,7 +230,7 @@ def run(cfg, workdir: str) -> dict:
         state, step = new_state, step + n
         snaps.maybe_take(step, state.params)
         elapsed = time.time() - tic
-        if step - n == start_step and step < t.num_steps:  # the first chunk compiled: rate from here on
+        if compile_secs is None and step < t.num_steps:  # the first chunk compiled: rate from here on
             compile_secs, start, start_step = elapsed, time.time(), step
         # Grow chunks until one takes ~1/4 of the progress interval (first call includes compilation).
         chunk = max(1, min(chunk * 4, int(n / max(elapsed, 1e-6) * t.log_every_secs / 4) or 1))

@@ -4,9 +4,11 @@ Feng & Tu (PNAS 2021) run PCA on the weights visited over a window of late
 training. With ``train.snapshot_start = s0 >= 0`` the loop stops at steps
 s0, s0 + k, s0 + 2k, ... (k = ``train.snapshot_every``) and keeps the raveled
 parameters of every replica. They are written to ``<workdir>/snapshots.npz``
-(``params``: float32 (R, S, P); ``steps``: (S,)) whenever a checkpoint is
-written, atomically, so an interrupted run resumes with the snapshots taken up
-to its checkpoint and ends with exactly the same file as an uninterrupted one.
+(``params``: float32 (R, S, P); ``steps``: (S,); a SHA-256 checked on load)
+whenever a checkpoint is written, atomically, so an interrupted run resumes with
+the snapshots taken up to its checkpoint and ends with exactly the same file as
+an uninterrupted one. A corrupt file raises `sme.io.CorruptArtifact` on restore;
+the loop then retrains from before the window to retake them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,17 @@ class SnapshotBuffer:
         self.rows: list[np.ndarray] = []
 
     def restore(self, up_to_step: int) -> None:
-        """Reload snapshots taken at steps <= up_to_step (resume)."""
+        """Reload snapshots taken at steps <= up_to_step (resume).
+
+        Raises:
+          CorruptArtifact: the file is unreadable, fails its SHA-256 or lacks its arrays.
+        """
         if not self.steps or not os.path.exists(self.path):
             return
         arrays = io.load_arrays(self.path)
+        if "steps" not in arrays or "params" not in arrays or arrays["params"].ndim != 3 or \
+                arrays["params"].shape[1] != arrays["steps"].shape[0]:
+            raise io.CorruptArtifact(f"{self.path}: not a snapshots file (needs params (R, S, P) and steps (S,))")
         for i, step in enumerate(arrays["steps"].tolist()):
             if step <= up_to_step:
                 self.taken.append(int(step))

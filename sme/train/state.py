@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from sme import rng
 
 
 class TrainState(NamedTuple):
@@ -28,3 +31,14 @@ class TrainState(NamedTuple):
 def replica(tree, index: int):
     """Slice replica `index` out of a pytree with a leading replica axis."""
     return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
+
+
+def init_state(model, optimizer, *, seed: int, num_replicas: int, share_init: bool, dtype) -> TrainState:
+    """Initial state of R replicas; replica r uses key(seed, INIT, r), or replica 0's if shared.
+
+    Cost: R parameter initialisations.
+    """
+    replicas = jnp.zeros(num_replicas, jnp.int32) if share_init else jnp.arange(num_replicas)
+    params = jax.vmap(lambda r: model.init(rng.stream_key(seed, rng.INIT, replica=r), dtype=dtype))(replicas)
+    return TrainState(jnp.asarray(0, jnp.int32), params, jax.vmap(optimizer.init)(params),
+                      jnp.zeros((num_replicas,), dtype))
