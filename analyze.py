@@ -38,7 +38,9 @@ _SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk; needed to change the "
                                "settings of an analysis that has results (its old ones are then deleted).")
 _LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
-_REPRODUCE = flags.DEFINE_enum("reproduce", None, ["cpu", "tiny"], "Train and analyse the papers' experiments.")
+_REPRODUCE = flags.DEFINE_enum("reproduce", None, ["cpu", "tiny", "paper", "paper_tiny"],
+                               "Train and analyse the papers' experiments (paper: at the papers' scale).")
+_ONLY = flags.DEFINE_string("only", None, "--reproduce=paper: comma-separated experiments, e.g. P-E5,P-E4.")
 _REPORT = flags.DEFINE_string("report", None, "Report folder for --reproduce (default: reports/<scale>).")
 _COMPARE = flags.DEFINE_string("compare", None, "Directory for figures comparing the runs (several --workdir).")
 
@@ -68,6 +70,16 @@ def main(argv):
     if _LIST.value:
         for name, analysis in sorted(load_all().items()):
             print(f"{name}: {analysis.doc.splitlines()[0] if analysis.doc else ''}")
+        return
+    if _REPRODUCE.value in ("paper", "paper_tiny"):
+        from sme.paper import PaperError, run_paper
+
+        out_dir = _REPORT.value or f"reports/{_REPRODUCE.value}"
+        try:
+            run_paper(out_dir, _ONLY.value, tiny=_REPRODUCE.value == "paper_tiny")
+        except PaperError as err:
+            sys.exit(f"error: {err}")
+        print(f"report in {out_dir}/report.md")
         return
     if _REPRODUCE.value:
         from configs import reproduce as plans

