@@ -384,13 +384,66 @@ def exact_markdown(res: dict, slopes: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt(x: float) -> str:
+    return "–" if not np.isfinite(x) else f"{x:.1e}"
+
+
+def sweep_markdown(art: dict, g: str = "R_S") -> str:
+    """The Monte Carlo E1 tables of docs/results_e1.md from a ``weak_error`` artifact: errors at each
+    fixed time with every variant's own floor, orders (declared range and whole grid), and Var g."""
+    j = [str(x) for x in art["g_names"]].index(g)
+    variants = [str(v) for v in art["variants"]]
+    lines = []
+    for k, t in enumerate(art["times"]):
+        lines += [f"Weak error of {g} at t = {t:g}: bias-corrected estimate [95% joint-bootstrap interval], "
+                  "and each variant's Monte Carlo floor (its standard error):", "",
+                  "| p | ε | " + " | ".join(f"{v} | floor" for v in variants) + " |",
+                  "|---|---|" + "---|---|" * len(variants)]
+        for i in np.lexsort((-art["lr"], art["keep_prob"])):
+            cells = []
+            for v in variants:
+                e, lo, hi, fl = (art[f"{v}/{f}"][i, k, j] for f in ("error", "ci_low", "ci_high", "floor"))
+                cells.append(f"{_fmt(e)} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(fl)}")
+            lines.append(f"| {art['keep_prob'][i]:g} | {art['lr'][i]:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lo, hi = float(art["fit_lr_min"]), float(art["fit_lr_max"])
+    lines += [f"Fitted orders of {g} (declared range {lo:g} ≤ ε ≤ {hi:g}; then the whole grid), 95% joint-bootstrap "
+              "interval; – where a corrected error in the range is 0 or a process diverged:", "",
+              "| p | t | range | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for a, p in enumerate(art["keep_probs"]):
+        for k, t in enumerate(art["times"]):
+            for label, key in (("declared", "order"), ("all ε", "order_all")):
+                cells = []
+                for v in variants:
+                    o, l_, h_ = (art[f"{v}/{key}{s}"][a, k, j] for s in ("", "_low", "_high"))
+                    cells.append("–" if not np.isfinite(o) else
+                                 f"{o:.2f} [{l_:.2f}, {h_:.2f}]" if np.isfinite(l_) else f"{o:.2f} [–]")
+                lines.append(f"| {p:g} | {t:g} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Standard deviation of {g} over replicas at the final time (dropout GD and each variant):", "",
+              "| p | ε | discrete | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    times = art["traj/times"]
+    for i in np.lexsort((-art["lr"], art["keep_prob"])):
+        last = int(np.nanargmax(times[i]))
+        row = [art[f"traj/{s}/std"][i, last, j] for s in ["discrete", *variants]]
+        lines.append(f"| {art['keep_prob'][i]:g} | {art['lr'][i]:g} | " + " | ".join(_fmt(x) for x in row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    """python -m sme.analyses.weak_error --exact [FIGURE]: the exact E1 case (figure + markdown tables)."""
+    """python -m sme.analyses.weak_error --exact [FIGURE]: the exact E1 case (figure + markdown tables);
+    --tables ARTIFACT: the Monte Carlo tables from a weak_error artifact (step_*.npz)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--exact", nargs="?", const="docs/figures/e1_exact.png", required=True, metavar="FIGURE")
+    parser.add_argument("--exact", nargs="?", const="docs/figures/e1_exact.png", metavar="FIGURE")
+    parser.add_argument("--tables", metavar="ARTIFACT")
     args = parser.parse_args(argv)
+    if args.tables:
+        from sme import io
+
+        print(sweep_markdown(io.load_arrays(args.tables)))
+    if not args.exact:
+        return
     from configs import sme_weak_error
 
     cfg = sme_weak_error.get_config()
