@@ -124,7 +124,9 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
             record["train_seconds"] = round(sum(r.get("train_seconds", 0.0) for r in record["runs"].values()), 1)
             record["analysis_seconds"] = round(sum(r.get("analysis_seconds", 0.0) for r in record["runs"].values()), 1)
             record["seconds"] = round(record["train_seconds"] + record["analysis_seconds"], 1)
-            io.write_json(timings_path, timings)
+            # merge: another --only process may be writing other experiments to the same report
+            on_disk = io.read_json(timings_path) if os.path.exists(timings_path) else {}
+            io.write_json(timings_path, {**on_disk, name: record})
         spent_budget += budget[name]
         log(f"experiment {k} of {len(names)}: {name} done: train {record['train_seconds']:.0f} s, "
             f"analysis {record['analysis_seconds']:.0f} s (kernel: {record['kernel']})")

@@ -156,7 +156,7 @@ def p_e4(out_dir: str, module, tiny: bool) -> dict:
             for i, (alphas, losses) in enumerate(runs):
                 axes[0].plot(alphas, losses.mean(0), color=f"C{k}", alpha=0.8,
                              label=f"{variant} ({len(runs)} seeds)" if i == 0 else None)
-        axes[0].set(xlabel="filter-normalised step alpha", ylabel="R_S (first 2,000 training images)",
+        axes[0].set(xlabel="filter-normalised step alpha", ylabel=f"R_S (first {module.FLAT_EXAMPLES} training images)",
                     yscale="log", title="1-D profiles (mean over directions)")
         axes[0].legend(fontsize=7)
         for k, (variant, runs) in enumerate(sorted(curves.items())):
