@@ -32,13 +32,22 @@ def default_run_name(config_arg: str) -> str:
 
 def main(argv):
     del argv
+    from sme.probe import quiet_tpu_probe
+
+    quiet_tpu_probe()  # no libtpu.so probe line on machines without a TPU
     import jax
 
-    cfg = _CONFIG.value
+    from sme import cli
+
+    try:
+        cfg = _CONFIG.value  # a config file that failed to load raises here, not while parsing flags
+        cfg.train.dtype
+    except Exception as err:  # noqa: BLE001 - config files raise many types
+        cli.fail(RuntimeError(cli.describe_flag_error(err, sys.argv)), 2)
     if cfg.train.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from configs import base
-    from sme import cli, driver, io, runs
+    from sme import driver, io, runs
     from sme import config as config_lib
     from sme.train.loop import NonFiniteLoss
 

@@ -55,8 +55,8 @@ def describe_flag_error(err: BaseException, argv) -> str:
         given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a]
         return f"flag {given[0] if given else '--config.*'}: unknown config field {key!r} (see configs/base.py)"
     if any(isinstance(e, OSError) for e in chain) and _flag_value(argv, "config"):
-        cause = next(e for e in chain if isinstance(e, OSError) and e is not err) if len(chain) > 1 else err
-        detail = cause.strerror or str(cause).splitlines()[0]
+        errno_text = re.findall(r"\[Errno \d+\] ([^:\n]+)", "\n".join(str(e) for e in chain))
+        detail = errno_text[-1] if errno_text else text.splitlines()[0]
         return f"flag --config={_flag_value(argv, 'config')}: cannot load the config file ({detail})"
     if isinstance(err, flags.Error):
         return text.splitlines()[0]
