@@ -7,10 +7,22 @@ MLP 64-256-256-10 on the embedded digits, cross-entropy, SGD with batch 64:
     python analyze.py --workdir=runs/e4/dropout,runs/e4/plain --analyses=hessian,profile --steps=last
 
 Compares lambda_max, Tr H, 1-D filter-normalised profiles and test accuracy at the end of training
-(the paper: 98.7 vs 98.1 % test accuracy, FNN on MNIST; flatter minima with dropout).
+(the paper: 98.7 vs 98.1 % test accuracy, FNN on MNIST; flatter minima with dropout), over
+NUM_SEEDS replicas, with the Hessian of the same loss for both nets (settings in config.analysis):
+
+    python analyze.py --workdir=runs/e4/dropout,runs/e4/plain --analyses=hessian,hessian_modified \
+        --steps=last --replica=all
 """
 
+from ml_collections import ConfigDict
+
 from configs import base
+
+NUM_SEEDS = 5  # replicas (independent inits, masks and batches) trained at once; intervals over them
+# Both nets are measured on the same losses: R_S (hessian, loss_kind=risk) and L_S at keep_prob 0.8
+# from 8 frozen per-sample mask sets (hessian_modified), every replica.
+HESSIAN = dict(loss_kind="risk", top_k=5, hutchpp_sketch=0)
+HESSIAN_MODIFIED = dict(HESSIAN, loss_kind="modified_mc", keep_prob=0.8, num_masks=8)
 
 
 def get_config(variant: str = "dropout"):
@@ -24,4 +36,7 @@ def get_config(variant: str = "dropout"):
     c.train.num_steps = 4000
     c.train.eval_every = 500
     c.train.checkpoint_steps = "log:6"
+    c.train.num_replicas = NUM_SEEDS
+    c.analysis.hessian = ConfigDict(HESSIAN)
+    c.analysis.hessian_modified = ConfigDict(HESSIAN_MODIFIED)
     return c

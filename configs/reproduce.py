@@ -26,38 +26,56 @@ def _tiny(cfg):
     return cfg
 
 
+def _settings(cfg, names, tiny_overrides: dict) -> dict:
+    """Each analysis' settings from the run config's analysis block (fixed before the run), then the
+    tiny plan's shrinking overrides."""
+    return {name: {**(cfg.analysis[name].to_dict() if name in cfg.analysis else {}), **tiny_overrides.get(name, {})}
+            for name in names}
+
+
 def get_plan(scale: str = "cpu") -> list[dict]:
     """Runs as dicts: name, config (ConfigDict), analyses, steps ("all" | "last" | "0,100" or a dict
-    analysis -> such a spec), settings (analysis -> {setting: value})."""
+    analysis -> such a spec), settings (analysis -> {setting: value}), and optionally replica
+    (0 | "all", or a dict analysis -> such a value; default 0)."""
     if scale not in ("cpu", "tiny"):
         raise ValueError(f"--reproduce={scale!r}: expected 'cpu' or 'tiny'")
     tiny = scale == "tiny"
-    light = dict(num_masks=16, sgd_examples=32, top_k=8, num_probes=8, lanczos_order=20) if tiny else {}
-    hessian = dict(order=20, top_k=3, bottom_k=1, num_probes=8, hutchpp_sketch=4) if tiny else dict(top_k=5)
-    flat = dict(num_masks=16, num_components=6, num_boot=200) if tiny else dict(num_masks=128, num_components=30)
-    traj = dict(num_components=6, num_boot=200) if tiny else dict(num_components=30)
-    profile = dict(num_directions=2, num_points=11) if tiny else dict(num_directions=4, num_points=41)
+    small = {}
+    if tiny:
+        sens = dict(num_components=6, fit_components=5, sensitivity_components="4,6", num_boot=200)
+        hess = dict(order=20, top_k=3, bottom_k=1, num_probes=8)
+        small = dict(alignment=dict(num_masks=16, sgd_examples=16, top_k=8, num_probes=8, lanczos_order=20),
+                     covariance=dict(num_masks=16, sgd_examples=32, top_k=8),
+                     flatness=dict(sens, num_masks=64), trajectory_flatness=sens,
+                     hessian=hess, hessian_modified=dict(hess, num_masks=2),
+                     profile=dict(num_directions=2, num_points=11), fisher=dict(order=10, top_k=2))
+    else:
+        small = dict(profile=dict(num_directions=4, num_points=41))
+    e2 = {v: e2_noise.get_config(v) for v in ("dropout", "sgd")}
+    e4 = {v: e4_flatness.get_config(v) for v in ("dropout", "plain")}
+    e2_analyses = {"dropout": ("alignment", "covariance", "flatness", "trajectory_flatness"),
+                   "sgd": ("alignment", "flatness", "trajectory_flatness")}
+    e4_analyses = ("hessian", "hessian_modified", "profile")
     plan = [
-        dict(name="e2/dropout", config=e2_noise.get_config("dropout"),
-             # alpha along training; the flatness fits only at the end (trajectory data do not depend on it)
-             steps=dict(alignment="all", covariance="all", flatness="last", trajectory_flatness="last"),
-             analyses=("alignment", "covariance", "flatness", "trajectory_flatness"),
-             settings=dict(alignment=light, covariance=dict(num_masks=16, sgd_examples=32, top_k=8) if tiny else {},
-                           flatness=flat,
-                           trajectory_flatness=traj)),
-        dict(name="e2/sgd", config=e2_noise.get_config("sgd"), steps="last",
-             analyses=("alignment", "flatness", "trajectory_flatness"),
-             settings=dict(alignment=light, flatness=dict(flat, noise="minibatch"), trajectory_flatness=traj)),
-        *(dict(name=f"e4/{v}", config=e4_flatness.get_config(v), steps="last", analyses=("hessian", "profile"),
-               settings=dict(hessian=hessian, profile=profile)) for v in ("dropout", "plain")),
+        # alpha along training; the flatness fits only at the end (trajectory data do not depend on it)
+        *(dict(name=f"e2/{v}", config=e2[v], analyses=e2_analyses[v],
+               steps=dict(alignment="all" if v == "dropout" else "last", covariance="all", flatness="last",
+                          trajectory_flatness="last"),
+               settings=_settings(e2[v], e2_analyses[v], small)) for v in ("dropout", "sgd")),
+        # every seed's Hessian (R_S and L_S); the profiles of seed 0
+        *(dict(name=f"e4/{v}", config=e4[v], steps="last", analyses=e4_analyses,
+               replica=dict(hessian="all", hessian_modified="all", profile=0),
+               settings=_settings(e4[v], e4_analyses, small)) for v in ("dropout", "plain")),
         *(dict(name=f"e5/{v}", config=e5_r1.get_config(v), steps="last", analyses=(), settings={})
           for v in ("dropout", "r1", "rs")),
         *(dict(name=f"e6/p{p}", config=e6_fisher.get_config(p), steps="last", analyses=("fisher",),
-               settings=dict(fisher=dict(order=10, top_k=2) if tiny else {})) for p in E6_KEEP_PROBS),
+               settings=_settings(e6_fisher.get_config(p), ("fisher",), small)) for p in E6_KEEP_PROBS),
     ]
     if tiny:
         for entry in plan:
             _tiny(entry["config"])
             if entry["name"].startswith("e2/"):
                 entry["config"].model.hidden = (8, 8)
+            if entry["name"].startswith("e4/"):
+                entry["config"].train.num_replicas = 2
     return plan

@@ -76,3 +76,13 @@ def bootstrap_mean_ci(samples, *, num_boot: int = 2000, level: float = 0.95, see
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
     return samples.mean(0), low, high
+
+
+def t_halfwidth(std, n: int, level: float = 0.95) -> float:
+    """Half-width t_{(1+level)/2, n-1} std / sqrt(n) of the Student-t interval of a mean of n values
+    with sample standard deviation ``std`` (ddof 1)."""
+    from scipy.stats import t
+
+    if n < 2:
+        raise ValueError(f"t_halfwidth: need n >= 2 values, got {n}")
+    return float(t.ppf(0.5 + level / 2, n - 1) * std / np.sqrt(n))

@@ -142,6 +142,10 @@ def loss_model(model, keep_prob: float):
         return model
     if not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"keep_prob={keep_prob} must be in (0, 1] (0 = the run's own)")
+    if hasattr(model.spec, "module"):  # a Flax model (sme.flax_models)
+        from sme.flax_models import with_keep_prob
+
+        return with_keep_prob(model, keep_prob)
     spec = dataclasses.replace(model.spec, keep_prob=float(keep_prob))
     return models.make_cnn(spec) if isinstance(spec, models.CNNSpec) else models.make_mlp(spec)
 
@@ -362,10 +366,30 @@ def plot_hessian(directory: str, steps) -> list[str]:
     plt = pyplot()
     xs = [step for step, _ in loaded]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if len(loaded) == 1:  # one checkpoint: the spectrum by index and the traces as bars
+        step, a = loaded[0]
+        top, bottom = np.asarray(a["top_values"]), np.asarray(a["bottom_values"])
+        axes[0].errorbar(np.arange(1, top.size + 1), top, yerr=np.asarray(a["top_residuals"]), fmt="o", capsize=3,
+                         label="largest (error bar: residual ‖Hv − λv‖)")
+        if bottom.size:
+            axes[0].errorbar(-np.arange(1, bottom.size + 1), bottom, yerr=np.asarray(a["bottom_residuals"]), fmt="x",
+                             color="grey", capsize=3, label="smallest (index −i: i-th smallest)")
+        axes[0].axhline(0.0, color="k", lw=0.6)
+        axes[0].set(xlabel="eigenvalue index i", ylabel="eigenvalue λ_i",
+                    title=f"Hessian of {a['loss_label']}, step {step}")
+        axes[0].legend(fontsize=7)
+        names = [k for k in ("hutchinson", "hutchpp") if np.isfinite(float(a[f"trace_{k}"]))]
+        axes[1].bar(range(len(names)), [float(a[f"trace_{k}"]) for k in names],
+                    yerr=[2 * float(a[f"trace_{k}_se"]) for k in names], capsize=5, color=["C0", "C1"][:len(names)])
+        axes[1].set_xticks(range(len(names)), names)
+        axes[1].set(xlabel="estimator", ylabel="Tr H (± 2 se)", title=f"Hessian trace, step {step}")
+        return [save_figure(fig, plt, directory, "hessian.png")]
     top = np.array([a["top_values"] for _, a in loaded])
     colors = plt.cm.viridis(np.linspace(0, 1, top.shape[1]))
     for i in range(top.shape[1]):
-        axes[0].plot(xs, top[:, i], "o-", ms=3, color=colors[i], label=f"λ_{i + 1}" if i < 3 else None)
+        last = top.shape[1] - 1
+        axes[0].plot(xs, top[:, i], "o-", ms=3, color=colors[i],
+                     label=f"λ_{i + 1}" + (" (dark) ... λ_k (light)" if last else "") if i == 0 else None)
     bottom = np.array([a["bottom_values"] for _, a in loaded])
     for i in range(bottom.shape[1]):
         axes[0].plot(xs, bottom[:, i], "x--", ms=3, color="grey", label="smallest" if i == 0 else None)

@@ -324,6 +324,17 @@ def plot_covariance(directory: str, steps) -> list[str]:
     axes[0].legend(fontsize=7)
     xs = [step for step, _ in loaded]
     mode = str(loaded[0][1]["mask_mode"])
+    if len(loaded) == 1:  # one checkpoint: the traces as bars
+        a = loaded[0][1]
+        names = ["Tr Σ (dropout GD)", "Tr SGD noise (B = 1)"]
+        values = [float(a["sigma_trace"]), float(a["sgd_trace"])]
+        if "minibatch_traces" in a:
+            names += [f"minibatch {p}" for p in ("data", "mask", "interaction", "total")]
+            values += [float(v) for v in a["minibatch_traces"]]
+        axes[1].bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+        axes[1].set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=7)
+        axes[1].set(ylabel="trace", yscale="log", title=f"noise traces, step {xs[0]} ({mode} masks)")
+        return [save_figure(fig, plt, directory, "covariance.png")]
     axes[1].plot(xs, [a["sigma_trace"] for _, a in loaded], "o-", label=f"Tr Sigma (dropout GD, {mode})")
     axes[1].plot(xs, [a["sgd_trace"] for _, a in loaded], "x-", label="Tr SGD noise (B = 1, no dropout)")
     if "minibatch_traces" in loaded[0][1]:
@@ -344,19 +355,45 @@ def plot_alignment(directory: str, steps) -> list[str]:
     plt, written = pyplot(), []
     xs = np.array([step for step, _ in loaded], np.float64)
     fig, ax = plt.subplots(figsize=(6, 4))
+    if len(loaded) == 1:  # one checkpoint: alpha and its Haar null as bars (log scale: the null is tiny)
+        step, a = loaded[0]
+        unbiased = "dropout_alpha_unbiased" in a
+        bars = []
+        for name in ("dropout", "sgd"):
+            key = f"{name}_alpha_unbiased" if unbiased else f"{name}_alpha"
+            null = f"{name}_null_haar_unbiased" if unbiased else f"{name}_null_haar"
+            bars += [(f"α, {name} noise", float(a[key]), 0.0),
+                     (f"Haar null, {name}", float(a[f"{null}_mean"]), 2 * float(a[f"{null}_std"]))]
+        ax.bar(range(len(bars)), [b[1] for b in bars], yerr=[b[2] for b in bars], capsize=4,
+               color=["C0", "lightgrey", "C1", "lightgrey"])
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.set(ylabel="alignment α(H, Σ)" + (" (unbiased ‖Σ‖_F)" if unbiased else ""),
+               xlabel="noise and its null (error bar: ± 2 sd)", title=f"H of {a['hessian_label']}, step {step}")
+        ax.set_yscale("symlog", linthresh=1e-4)  # log-like, so the null shows; H may be indefinite (alpha < 0)
+        written.append(save_figure(fig, plt, directory, "alignment.png"))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        return written + _projected_variance_figure(plt, fig, ax, directory, step, a)
+    unbiased = all("dropout_alpha_unbiased" in a for _, a in loaded)
+    suffix, null = ("_unbiased", "_null_haar_unbiased") if unbiased else ("", "_null_haar")
     for name, marker in (("dropout", "o"), ("sgd", "x")):
-        alpha = np.array([a[f"{name}_alpha"] for _, a in loaded])
-        mean = np.array([a[f"{name}_null_haar_mean"] for _, a in loaded])
-        std = np.array([a[f"{name}_null_haar_std"] for _, a in loaded])
-        line = ax.plot(xs, alpha, marker + "-", label=f"alpha(H, Sigma_{name})")[0]
-        ax.fill_between(xs, mean - 2 * std, mean + 2 * std, color=line.get_color(), alpha=0.2,
-                        label=f"Haar null ±2 std ({name})")
-    ax.set(ylabel="alpha", title=f"alignment, H of {loaded[0][1]['hessian_label']}")
+        alpha = np.array([a[f"{name}_alpha{suffix}"] for _, a in loaded])
+        mean = np.array([a[f"{name}{null}_mean"] for _, a in loaded])
+        std = np.array([a[f"{name}{null}_std"] for _, a in loaded])
+        line = ax.plot(xs, alpha, marker + "-", label=f"α(H, Σ_{name})")[0]
+        ax.errorbar(xs, mean, yerr=2 * std, fmt="_", color=line.get_color(), capsize=2,
+                    label=f"Haar null ± 2 sd ({name})")
+    ax.set(ylabel="alignment α" + (" (unbiased ‖Σ‖_F)" if unbiased else ""),
+           title=f"alignment, H of {loaded[0][1]['hessian_label']}")
+    ax.set_yscale("symlog", linthresh=1e-4)  # log-like, so the null shows; H may be indefinite (alpha < 0)
     step_axis(ax, xs)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     written.append(save_figure(fig, plt, directory, "alignment.png"))
     step, a = loaded[-1]
     fig, ax = plt.subplots(figsize=(6, 4))
+    return written + _projected_variance_figure(plt, fig, ax, directory, step, a)
+
+
+def _projected_variance_figure(plt, fig, ax, directory, step, a) -> list[str]:
     lam = a["hessian_eigenvalues"]
     for name, marker in (("dropout", "o"), ("sgd", "x")):
         pv = a[f"{name}_projected_variance"]
@@ -369,10 +406,9 @@ def plot_alignment(directory: str, steps) -> list[str]:
             ax.loglog(grid, np.exp(intercept) * grid**slope, "-", color=points.get_color(),
                       label=f"slope {slope:.2f} [{float(a[f'{name}_slope_low']):.2f}, "
                             f"{float(a[f'{name}_slope_high']):.2f}]")
-    ax.set(xlabel="Hessian eigenvalue lambda_i", ylabel="u_i^T Sigma u_i", title=f"projected variance, step {step}")
+    ax.set(xlabel="Hessian eigenvalue λ_i", ylabel="projected variance u_iᵀ Σ u_i", title=f"projected variance, step {step}")
     ax.legend(fontsize=7)
-    written.append(save_figure(fig, plt, directory, "projected_variance.png"))
-    return written
+    return [save_figure(fig, plt, directory, "projected_variance.png")]
 
 
 # Per-item arguments (in_axes 0): parameters, the SGD/decomposition subsets and the Hessian's
