@@ -62,6 +62,9 @@ def parse_settings(items):
 
 def main(argv):
     del argv
+    from sme.probe import quiet_tpu_probe
+
+    quiet_tpu_probe()  # no libtpu.so probe line on machines without a TPU
     from sme import cli, io, runs
     from sme.analyses import load_all
     from sme.analyses.runner import AnalysisError, Request, analyse_run, check_request, read_config, run_settings

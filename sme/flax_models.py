@@ -62,11 +62,18 @@ class Dropout(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class FlaxSpec:
-    """What a wrapped Flax model is: the module and its per-example input shape."""
+    """What a wrapped Flax model is: the module, its per-example input shape, its dropout.
+
+    ``keep_prob`` is the keep probability of the dropout sites ``selected`` (indices into the
+    model's sites); the other sites keep everything. The sites, not the module's `Dropout`
+    attributes, decide how masks are drawn, so `with_keep_prob` changes p without a new module.
+    """
 
     module: nn.Module
     input_shape: tuple[int, ...]
     out_dim: int
+    keep_prob: float = 1.0
+    selected: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +159,11 @@ def from_flax(module: nn.Module, input_shape: tuple[int, ...]) -> Model:
     out_shape = jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, *input_shape))), variables).shape
     if len(out_shape) != 2 or out_shape[0] != 1:
         raise ValueError(f"{type(module).__name__} returns shape {out_shape} for one example; expected (1, out_dim)")
-    spec = FlaxSpec(module, input_shape, int(out_shape[1]))
+    # The sites a changed keep_prob applies to: the dropped ones, or every Dropout layer of a net
+    # built without dropout (keep_prob 1 everywhere), measured on its dropout twin's loss.
+    droppable = tuple(i for i, s in enumerate(trace.sites) if s.droppable) or tuple(range(len(trace.sites)))
+    spec = FlaxSpec(module, input_shape, int(out_shape[1]),
+                    min((s.keep_prob for s in trace.sites), default=1.0), droppable)
 
     def init(key, dtype=jnp.float32):
         params = module.init(key, jnp.zeros((1, *input_shape), dtype))["params"]
@@ -188,6 +199,15 @@ def from_flax(module: nn.Module, input_shape: tuple[int, ...]) -> Model:
         return node["kernel"]
 
     return Model(spec, trace.sites, init, apply, penultimate, readout)
+
+
+def with_keep_prob(model: Model, keep_prob: float) -> Model:
+    """The same wrapped Flax model with keep probability `keep_prob` on its selected dropout sites."""
+    if not model.spec.selected:
+        raise ValueError(f"{type(model.spec.module).__name__} has no dropout sites selected to set keep_prob on")
+    sites = tuple(dataclasses.replace(s, keep_prob=float(keep_prob)) if i in model.spec.selected else s
+                  for i, s in enumerate(model.sites))
+    return model._replace(spec=dataclasses.replace(model.spec, keep_prob=float(keep_prob)), sites=sites)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -320,4 +340,6 @@ def make_flax_model(name: str, *, input_shape, out_dim: int, channels, hidden=()
         module = VGG9(out_dim, keep_probs, channels, hidden, activation, float(init_scale))
     else:
         module = ResNet20(out_dim, keep_probs, channels, 3, activation, float(init_scale))
-    return from_flax(module, tuple(input_shape))
+    model = from_flax(module, tuple(input_shape))
+    selected = tuple(range(count)) if dropout_layers is None else tuple(sorted(dropout_layers))
+    return model._replace(spec=dataclasses.replace(model.spec, keep_prob=float(keep_prob), selected=selected))

@@ -142,6 +142,18 @@ def test_enumeration_and_closed_form_r1_on_a_tiny_flax_net():
         assert net.readout(params) is params["Dense_1"]["kernel"]
 
 
+def test_changing_keep_prob_matches_the_builtin_twin():
+    from sme.analyses.curvature import loss_model
+
+    for p in (0.6, 1.0):  # a net with dropout, and one without measured on its dropout twin
+        with jax.enable_x64(True):
+            builtin, flax, _, _ = _mlp_pair(keep_prob=p)
+        for q in (0.9, 0.5):
+            assert loss_model(flax, q).sites == tuple(
+                type(s)(f.name, s.shape, s.keep_prob) for s, f in zip(loss_model(builtin, q).sites, flax.sites))
+            assert loss_model(flax, q).spec.keep_prob == q
+
+
 def test_builtin_architectures_have_the_documented_sites_and_sizes():
     vgg = flax_models.make_flax_model("vgg9", input_shape=(32, 32, 3), out_dim=10,
                                       channels=(64, 64, 128, 128, 256, 256), hidden=(512, 512), keep_prob=0.8,
