@@ -1,7 +1,7 @@
 """Run analyses over the checkpoints of one or several training runs.
 
     python analyze.py --workdir=runs/default --analyses=hessian,covariance
-    python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.k=20 \
+    python analyze.py --workdir=runs/a,runs/b --analyses=hessian --steps=last --set=hessian.top_k=20 \
         --compare=runs/compare
     python analyze.py --workdir=runs/default --analyses=hessian,fisher --replica=all --batch_size=16
     python analyze.py --list
@@ -37,7 +37,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Checkpoints/replicas per vm
 _SET = flags.DEFINE_multi_string("set", [], "Analysis setting NAME.FIELD=VALUE (Python literal).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Recompute results already on disk; needed to change the "
                                "settings of an analysis that has results (its old ones are then deleted).")
-_LIST = flags.DEFINE_bool("list", False, "List the available analyses and exit.")
+_LIST = flags.DEFINE_bool("list", False, "List the analyses, their settings and defaults, and exit.")
 _REPRODUCE = flags.DEFINE_enum("reproduce", None, ["cpu", "tiny", "paper", "paper_tiny"],
                                "Train and analyse the papers' experiments (paper: at the papers' scale).")
 _ONLY = flags.DEFINE_string("only", None, "--reproduce=paper: comma-separated experiments, e.g. P-E5,P-E4.")
@@ -71,8 +71,9 @@ def main(argv):
     from sme.config import ConfigError
 
     if _LIST.value:
-        for name, analysis in sorted(load_all().items()):
-            print(f"{name}: {analysis.doc.splitlines()[0] if analysis.doc else ''}")
+        from sme.listing import describe
+
+        print(describe(load_all()))
         return
     if _REPRODUCE.value in ("paper", "paper_tiny"):
         from sme.paper import PaperError, run_paper
