@@ -150,6 +150,7 @@ def report_e2(out_dir) -> dict:
             mean, sd = np.asarray(out[f"{name}_mean"]), np.asarray(out[f"{name}_std"])
             ax.errorbar(x * shift, mean, yerr=2 * sd, fmt="_", color=color, alpha=0.8, capsize=2,
                         label=f"Haar null, mean ± 2 sd ({'dropout' if name == 'null_haar' else 'SGD'} Σ)")
+        ax.axhline(1.0, color="grey", ls=":", lw=0.9, label="α ≤ 1 for the true Σ (Cauchy-Schwarz)")
         step_axis(ax, list(steps) + [x.max() * 1.15])
         ax.set_ylabel("alignment α(H, Σ)")
         if log:

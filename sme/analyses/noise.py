@@ -331,9 +331,16 @@ def plot_covariance(directory: str, steps) -> list[str]:
         if "minibatch_traces" in a:
             names += [f"minibatch {p}" for p in ("data", "mask", "interaction", "total")]
             values += [float(v) for v in a["minibatch_traces"]]
-        axes[1].bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+        positive = [v for v in values if v > 0]
+        floor = min(positive) / 3 if positive else 1e-12
+        axes[1].bar(range(len(values)), [max(v, floor) for v in values], bottom=0,
+                    color=[f"C{i}" if v > 0 else "none" for i, v in enumerate(values)])
+        for i, v in enumerate(values):
+            if v <= 0:  # e.g. the data and interaction parts of a full batch
+                axes[1].text(i, floor * 1.3, "0", ha="center", fontsize=8)
         axes[1].set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=7)
         axes[1].set(ylabel="trace", yscale="log", title=f"noise traces, step {xs[0]} ({mode} masks)")
+        axes[1].set_ylim(bottom=floor)
         return [save_figure(fig, plt, directory, "covariance.png")]
     axes[1].plot(xs, [a["sigma_trace"] for _, a in loaded], "o-", label=f"Tr Sigma (dropout GD, {mode})")
     axes[1].plot(xs, [a["sgd_trace"] for _, a in loaded], "x-", label="Tr SGD noise (B = 1, no dropout)")
@@ -360,12 +367,14 @@ def plot_alignment(directory: str, steps) -> list[str]:
         unbiased = "dropout_alpha_unbiased" in a
         bars = []
         for name in ("dropout", "sgd"):
+            if float(a[f"{name}_sigma_trace"]) <= 1e-12 * max(float(a["sgd_sigma_trace"]), 1e-300):
+                continue  # no dropout in the run: Sigma_dropout = 0 and alpha is undefined
             key = f"{name}_alpha_unbiased" if unbiased else f"{name}_alpha"
             null = f"{name}_null_haar_unbiased" if unbiased else f"{name}_null_haar"
             bars += [(f"α, {name} noise", float(a[key]), 0.0),
                      (f"Haar null, {name}", float(a[f"{null}_mean"]), 2 * float(a[f"{null}_std"]))]
         ax.bar(range(len(bars)), [b[1] for b in bars], yerr=[b[2] for b in bars], capsize=4,
-               color=["C0", "lightgrey", "C1", "lightgrey"])
+               color=[("C0" if "dropout" in b[0] else "C1") if b[0].startswith("α") else "lightgrey" for b in bars])
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
         ax.set(ylabel="alignment α(H, Σ)" + (" (unbiased ‖Σ‖_F)" if unbiased else ""),
                xlabel="noise and its null (error bar: ± 2 sd)", title=f"H of {a['hessian_label']}, step {step}")
