@@ -111,6 +111,10 @@ def main(argv):
 
                 jax.config.update("jax_enable_x64", True)
             summary = analyse_run(workdir, request)
+            if "log" in cfg and cfg.log.tensorboard:  # the run logs to TensorBoard: add the analysis scalars
+                from sme.tensorboard import write_summary
+
+                write_summary(workdir, summary)
             print(f"{workdir}: wrote {workdir}/analysis ({', '.join(_ANALYSES.value)})")
             for failure in summary.get("failures", []):
                 print(f"  failed: {failure}", file=sys.stderr)

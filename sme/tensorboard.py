@@ -3,7 +3,8 @@
 Off by default. When on, every metrics record (the same scalars as the line in
 ``metrics.jsonl``: risks, accuracies, norms, steps_per_sec, replica stds) is
 also written to ``<workdir>/tensorboard`` through tensorboardX, which needs no
-TensorFlow (``pip install -e '.[tensorboard]'``). Watch a run with
+TensorFlow (``pip install -e '.[tensorboard]'``), and ``analyze.py`` adds the
+scalars of each analysis it runs (``analysis/<name>/<key>`` at the checkpoint's step). Watch a run with
 ``tensorboard --logdir <workdir>/tensorboard``.
 
 A resumed run purges the events at or after its resume step, as metrics.jsonl
@@ -74,6 +75,36 @@ def open_writer(workdir: str, *, enabled: bool, resume_step: int | None = None):
 
         raise ConfigError("config.log.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'") from err
     return _Writer(lambda: SummaryWriter(logdir=os.path.join(workdir, SUBDIR), purge_step=resume_step))
+
+
+def write_summary(workdir: str, summary: dict) -> int:
+    """The scalars of an analysis summary (``analysis/summary.json``) as ``analysis/<name>/<key>`` events.
+
+    Args:
+      workdir: the run directory; events go to ``<workdir>/tensorboard`` beside the training ones.
+      summary: ``{analysis name: {step: {key: value}}}``; keys that are not steps (digests,
+        failures) and values that are not finite numbers (settings, labels) are skipped.
+
+    Returns:
+      The number of scalars written. Cost: one event file per call.
+    """
+    from tensorboardX import SummaryWriter
+
+    points = []
+    for name, per_step in summary.items():
+        if not isinstance(per_step, dict):
+            continue
+        for step, values in per_step.items():
+            if not str(step).isdigit() or not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+                    points.append((f"analysis/{name}/{key}", float(value), int(step)))
+    if points:
+        with SummaryWriter(logdir=os.path.join(workdir, SUBDIR)) as writer:
+            for tag, value, step in points:
+                writer.add_scalar(tag, value, global_step=step)
+    return len(points)
 
 
 def _records(path: str):

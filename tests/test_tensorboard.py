@@ -73,3 +73,14 @@ def test_tpu_probe_filter_drops_only_the_no_libtpu_message():
     kept = [m for m in (absent, broken, other)
             if logger.filter(logging.LogRecord(logger.name, logging.WARNING, __file__, 1, m, None, None))]
     assert kept == [broken, other]
+
+
+def test_analysis_summary_scalars_become_events(tmp_path):
+    summary = {"__sha256__": "ab", "failures": [],
+               "hessian": {"3": {"loss_value": 2.5, "num_params": 10, "loss_kind": "risk", "settings": {"k": 1},
+                                 "trace_hutchpp": None},
+                           "7": {"loss_value": 1.25, "num_params": 10}}}
+    assert tensorboard.write_summary(str(tmp_path), summary) == 4
+    scalars = tensorboard.read_scalars(str(tmp_path / "tensorboard"))
+    assert scalars == {"analysis/hessian/loss_value": [(3, 2.5), (7, 1.25)],
+                       "analysis/hessian/num_params": [(3, 10.0), (7, 10.0)]}
