@@ -13,7 +13,9 @@ collection (``{"masks": {<path>: {"eta": mask}}}``), so a Flax user can also
 call ``module.apply({"params": p, "masks": m}, x)`` directly. Masks follow
 `sme.dropout`: eta = Bernoulli(p)/p, `keep_prob` p, never a drop rate.
 
-Built-in architectures (arXiv 2207.05952 §A, 2111.01022):
+Built-in architectures (the dropout papers train a VGG-9 on CIFAR-10 and a
+ResNet-20 on CIFAR-100: arXiv 2207.05952 §A, 2111.01022). Both follow the usual
+layouts, with the widths as fields:
 
 * `VGG9`: three blocks of two 3x3 convs and a 2x2 max-pool (channels
   (64, 64, 128, 128, 256, 256)), then dense 512-512 and the readout: 6 conv + 3
