@@ -89,7 +89,16 @@ def worker_sme_gram(repeats: int) -> dict:
         return cv.gram_eigenvalues(cv.centred_gram(gram, ddof=0), TOP_K)
 
     seconds = _median_time(lambda: top(params, x, y).block_until_ready(), repeats)
-    return dict(seconds=seconds, eigenvalues=np.asarray(top(params, x, y)).tolist())
+    flops, peak = _roofline(top, params, x, y)
+    return dict(seconds=seconds, eigenvalues=np.asarray(top(params, x, y)).tolist(), flops=flops, gemm_peak=peak)
+
+
+def _roofline(fn, *args):
+    """(XLA's FLOP count of fn(*args), the GEMM peak measured now) from benchmarks/_roofline.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _roofline import flop_count, gemm_peak
+
+    return flop_count(fn, *args), gemm_peak()
 
 
 def worker_jax_vmap(repeats: int) -> dict:
@@ -157,7 +166,9 @@ def worker_mask_throughput(repeats: int, num_masks: int) -> dict:
         jax.block_until_ready(outs)
 
     results["sequential_single"] = _median_time(sequential, repeats)
-    return dict(seconds=results, num_masks=num_masks)
+    flops, peak = _roofline(lambda p, m: grads.mask_gradients(model, "cross_entropy", p, x, y, m, mode="per_sample"),
+                            params, masks)
+    return dict(seconds=results, num_masks=num_masks, flops=flops, gemm_peak=peak)
 
 
 def _run_worker(name: str, args) -> dict:
@@ -201,7 +212,12 @@ def main(argv=None):
             line += f"   torch/{name} = {reference['seconds'] / row['seconds']:6.1f}x   max rel diff {rel:.1e}"
         print(line)
     if "error" not in rows["sme_gram"]:
-        print(f"  top eigenvalues (sme): {np.round(rows['sme_gram']['eigenvalues'][:5], 6).tolist()} ...")
+        row = rows["sme_gram"]
+        print(f"  top eigenvalues (sme): {np.round(row['eigenvalues'][:5], 6).tolist()} ...")
+        print(f"  roofline: GEMM peak {row['gemm_peak'] / 1e9:.1f} GFLOP/s (float32 1024^3 matmul, best of 9, in the "
+              f"sme worker); sme_gram {row['flops'] / 1e6:.0f} MFLOP (XLA count) at "
+              f"{row['flops'] / row['seconds'] / 1e9:.1f} GFLOP/s = {row['flops'] / row['seconds'] / row['gemm_peak']:.0%}"
+              f" of peak (FLOP-count limit {row['flops'] / row['gemm_peak'] * 1e3:.2f} ms)")
     mt = _run_worker("mask_throughput", args)
     if "error" in mt:
         print(f"mask-gradient throughput FAILED: {mt['error']}")
@@ -210,7 +226,9 @@ def main(argv=None):
     seq = mt["seconds"]["sequential_single"]
     print(f"K = {k} full-batch dropout mask gradients (per_sample masks, batch {BATCH}), peak {mt['peak_mb']:.0f} MB")
     for name, sec in mt["seconds"].items():
-        print(f"  {name:22s} {sec * 1e3:9.1f} ms   {k / sec:8.1f} masks/s   vs sequential {seq / sec:5.2f}x")
+        print(f"  {name:22s} {sec * 1e3:9.1f} ms   {k / sec:8.1f} masks/s   vs sequential {seq / sec:5.2f}x   "
+              f"{mt['flops'] / sec / 1e9:6.1f} GFLOP/s = {mt['flops'] / sec / mt['gemm_peak']:.0%} of the GEMM peak "
+              f"{mt['gemm_peak'] / 1e9:.1f} GFLOP/s ({mt['flops'] / 1e9:.2f} GFLOP, XLA count)")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import numpy as np
 
 # The repository root, so that `sme` and `configs` import from a checkout without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SEED = 0
 NUM_EXAMPLES = 10_000
@@ -261,6 +262,20 @@ def part_torch_vs_sme(plan: Plan, x, labels):
     print(rate_line("sme (jit advance, fori_loop)", plan.chunk, secs["sme"]))
     print(rate_line("torch (eager, nn.Dropout)", plan.chunk, secs["torch"]))
     print(ratio_line("sme/torch", plan.chunk, secs["sme"], plan.chunk, secs["torch"]))
+    from _roofline import gemm_peak, peak_line
+
+    # Roofline: the step's matmul FLOPs (forward 2B sum_l d_l d_l+1, the same again for the weight
+    # gradients, and the input gradients of every layer but the first) against the GEMM peak
+    # measured now; elementwise work, masks and the sampler are not counted (they are the gap).
+    dims = (IN_DIM, *HIDDEN, NUM_CLASSES)
+    forward = 2 * BATCH * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    flops = 2 * forward + 2 * BATCH * sum(a * b for a, b in zip(dims[1:-1], dims[2:]))
+    peak = gemm_peak()
+    step_secs = float(np.median(secs["sme"])) / plan.chunk
+    print(f"  {peak_line(peak)}")
+    print(f"  sme step: {flops / 1e6:.0f} MFLOP of matmuls in {step_secs * 1e3:.2f} ms = "
+          f"{flops / step_secs / 1e9:.1f} GFLOP/s, {flops / step_secs / peak:.0%} of the GEMM peak "
+          f"(target >= 85%; FLOP-count limit {flops / peak * 1e3:.2f} ms)")
     steps_sme = int(sme.state.step)
     steps_torch = warm_steps + plan.chunk * plan.repeats
     print(f"  mean training loss: sme {float(sme.state.loss_sum[0]) / steps_sme:.3f} over {steps_sme} steps, "
