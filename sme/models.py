@@ -203,12 +203,13 @@ def mlp_mask_outputs(spec: MLPSpec, params, x, masks, *, shared: bool) -> jax.Ar
 
     Layers before the first droppable site run once for the whole batch (with dropout on the
     one hidden layer, the first layer's pre-activation x W_1 and its activation). Shared masks
-    at that site are folded into the next layer's weights, (h * eta_k) W = h (eta_k * W), so the
-    K masks make ONE GEMM of (n, d) x (d, K o), whose reverse pass gives dW from mask-weighted
-    errors summed over K and n before the outer product. Per-sample masks (and every later
-    site) fold the K mask sets into the rows: one (K n, d) x (d, o) GEMM per layer. Masks at
-    sites before the first droppable one are ones by construction (`sme.dropout.sample_masks`,
-    `enumerate_masks`) and are not read.
+    are folded into the next layer's weights, (h * eta_k) W = h (eta_k * W): at the first site
+    the K masks make ONE GEMM (n, d) x (d, K o), later ones a batched matmul over the mask axis
+    (K x (n, d) x (d, o)), and the reverse pass forms dW from mask-weighted errors summed over
+    the n examples inside each GEMM and over K after it (sum_k eta_k * dW_k), never per-mask
+    outer products. Per-sample masks multiply the activations, (K, n, d), and every later layer
+    is a batched matmul over K. Masks at sites before the first droppable one are ones by
+    construction (`sme.dropout.sample_masks`, `enumerate_masks`) and are not read.
 
     Args:
       spec: the MLP's spec.
@@ -223,15 +224,15 @@ def mlp_mask_outputs(spec: MLPSpec, params, x, masks, *, shared: bool) -> jax.Ar
     """
     act = ACTIVATIONS[spec.activation]
     first = first_droppable_site(spec)
-    k, n = masks[0].shape[0], x.shape[0]
+    k = masks[0].shape[0]
     layers = (*params["hidden"], params["out"])
-    h, folded, pending = x, False, None  # h: (n, d) until the masks are folded in, then (K n, d)
+    h, pending = x, None  # h: (n, d) before the first droppable site, (K, n, d) after it
     for i, layer in enumerate(layers):
-        if pending is not None:  # shared masks (K, d) times this layer's weights (d, o)
+        if pending is not None:  # shared masks (K, d) folded into this layer's weights (d, o)
             w = pending[:, :, None] * layer["w"][None]
-            z = jnp.einsum("nd,kdo->kno", h, w).reshape(k * n, -1)
+            z = jnp.einsum("nd,kdo->kno", h, w) if h.ndim == 2 else jnp.einsum("knd,kdo->kno", h, w)
             z = z + layer["b"] if "b" in layer else z
-            pending, folded = None, True
+            pending = None
         else:
             z = _dense(layer, h)
         if i == len(spec.hidden):
@@ -239,15 +240,13 @@ def mlp_mask_outputs(spec: MLPSpec, params, x, masks, *, shared: bool) -> jax.Ar
         h = act(z)
         if i < first:
             continue
-        if folded:
-            h = (h.reshape(k, n, -1) * (masks[i][:, None] if shared else masks[i])).reshape(k * n, -1)
-        elif shared:
+        if shared:
             pending = masks[i]
         else:
-            h, folded = (h[None] * masks[i]).reshape(k * n, -1), True
-    if not folded:  # nothing masked: the same output for every mask set
-        return jnp.broadcast_to(z[None], (k, n, spec.out_dim))
-    return z.reshape(k, n, spec.out_dim)
+            h = (h[None] if h.ndim == 2 else h) * masks[i]
+    if z.ndim == 2:  # nothing masked: the same output for every mask set
+        return jnp.broadcast_to(z[None], (k, *z.shape))
+    return z
 
 
 def _maxpool2(h):
