@@ -424,3 +424,21 @@ def test_divergence_names_a_checkpoint_before_the_non_finite_step(tmp_path):
     assert 0 <= named < bad
     saved = [s for s, _ in io.list_checkpoints(str(tmp_path))]
     assert bad in saved  # the checkpoint of the step whose loss is non-finite exists, and is not named
+
+
+def test_a_corrupt_config_json_or_settings_manifest_is_named_not_trusted(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    path = os.path.join(workdir, "config.json")
+    text = open(path).read()
+    open(path, "w").write(text.replace('"keep_prob": 0.8', '"keep_prob": 0.9'))  # valid JSON, wrong digest
+    before = _files(workdir)
+    with pytest.raises(runs.RunError, match="config.json: SHA-256 mismatch"):
+        loop.run(smoke.get_config(), workdir)
+    with pytest.raises(runner.AnalysisError, match="config.json: SHA-256 mismatch"):
+        runner.analyse_run(workdir, _request(scale=1.0))
+    assert _files(workdir) == before
+    open(path, "w").write(text)
+    runner.analyse_run(workdir, _request(scale=1.0))
+    _truncate(os.path.join(workdir, "analysis", "toy_scaled", "settings.json"))
+    with pytest.raises(runner.AnalysisError, match="unknown settings.*--overwrite"):
+        runner.analyse_run(workdir, _request(scale=1.0))
