@@ -46,14 +46,17 @@ def bootstrap_indices(num_batches: int, *, num_boot: int, seed: int = 0) -> np.n
     return np.random.default_rng(seed).integers(0, num_batches, size=(num_boot, num_batches))
 
 
-def time_indices(times: np.ndarray, wanted) -> list[int]:
-    """Indices of the logged times closest to each wanted t; raises if one is off the grid by > 1e-6 t."""
+def time_indices(times: np.ndarray, wanted, *, missing_ok: bool = False) -> list[int]:
+    """Indices of the logged times equal (to 1e-6 t) to each wanted t. A time that is not logged
+    raises, or with ``missing_ok`` gives -1 (a coarse eps whose steps N = t/eps miss t)."""
     times = np.asarray(times, np.float64)
     out = []
     for t in wanted:
         i = int(np.argmin(np.abs(times - t)))
         if abs(times[i] - t) > 1e-6 * max(abs(t), 1.0):
-            raise ValueError(f"time {t:g} is not a logged time (logged: {', '.join(f'{x:g}' for x in times)})")
+            if not missing_ok:
+                raise ValueError(f"time {t:g} is not a logged time (logged: {', '.join(f'{x:g}' for x in times)})")
+            i = -1
         out.append(i)
     return out
 
@@ -140,7 +143,8 @@ def cell_table(cells: list[dict], variants, *, times, num_boot: int = 1000, leve
       cells: loaded cell artifacts (`sme.sweep`), each with ``lr``, ``keep_prob``, ``times`` and
         ``mean/<series>`` (T, B, G); all with the same B (one joint bootstrap over batches).
       variants: series to compare with ``discrete``.
-      times: SME times t at which to read the error (each a logged time of every cell).
+      times: SME times t at which to read the error; a cell that did not log one of them (t/eps not
+        a logged step) has NaN there, and at least one cell must log each time.
 
     Returns:
       ``lr``, ``keep_prob`` (C,), ``times`` (K,); per variant v and field f of `weak_error`:
@@ -154,11 +158,19 @@ def cell_table(cells: list[dict], variants, *, times, num_boot: int = 1000, leve
     table = {"lr": np.array([float(c["lr"]) for c in cells]),
              "keep_prob": np.array([float(c["keep_prob"]) for c in cells]), "times": np.asarray(times, np.float64)}
     per = {v: [] for v in variants}
-    for cell in cells:
-        rows = time_indices(cell["times"], times)
+    rows_of = [time_indices(cell["times"], times, missing_ok=True) for cell in cells]
+    for k, t in enumerate(times):
+        if all(rows[k] < 0 for rows in rows_of):
+            raise ValueError(f"time {t:g} is not a logged time of any cell")
+    for cell, rows in zip(cells, rows_of):
+        absent = np.array([r < 0 for r in rows])
         for v in variants:
             res = weak_error(cell["mean/discrete"][rows], cell[f"mean/{v}"][rows], idx, level=level)
             res["boot"] = np.moveaxis(res["boot"], 0, 1)  # (K, num_boot, G)
+            for key in res:
+                if key != "diverged":
+                    mask = absent.reshape(-1, *([1] * (res[key].ndim - 1)))
+                    res[key] = np.where(mask, np.nan, res[key])
             per[v].append(res)
     for v in variants:
         for field in per[v][0]:

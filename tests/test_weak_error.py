@@ -138,6 +138,10 @@ def test_cell_table_reads_fixed_times_and_bootstraps_cells_jointly():
     assert table["order1/raw"][0, 0, 0] < 1.0  # the t = 1 gap of 5 is not picked up at t = 2
     with pytest.raises(ValueError, match="not a logged time"):
         weak_error.cell_table([first], ["order1"], times=[1.5], num_boot=10)
+    coarse = {**second, "times": np.array([0.0, 0.8, 2.0])}  # eps = 0.4 never logs t = 1
+    table = weak_error.cell_table([first, coarse], ["order1"], times=[1.0, 2.0], num_boot=10)
+    assert np.isfinite(table["order1/error"][0]).all() and np.isnan(table["order1/error"][1, 0]).all()
+    assert np.isfinite(table["order1/error"][1, 1]).all()
 
 
 def test_fit_order_recovers_a_known_slope_and_refuses_undefined_errors():
