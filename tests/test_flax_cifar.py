@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from sme import io
+from sme import io, tensorboard
 from tests.test_cifar import write_cifar10
 
 TINY_VGG = ["--config.model.channels=(4,4,8,8,8,8)", "--config.model.hidden=(16,16)"]
@@ -23,7 +23,8 @@ def test_vgg9_trains_on_cifar_files_and_hessian_covariance_run(tmp_path, root):
     train = subprocess.run(
         [sys.executable, "train.py", "--config=configs/cifar_vgg9.py", f"--config.data.path={str(tmp_path)}",
          f"--workdir={workdir}", *TINY_VGG, "--config.train.batch_size=4", "--config.train.num_steps=3",
-         "--config.train.eval_every=3", "--config.train.checkpoint_steps=0,3", "--config.optim.schedule=constant"],
+         "--config.train.eval_every=3", "--config.train.checkpoint_steps=0,3", "--config.optim.schedule=constant",
+         "--config.log.tensorboard=True"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     saved = json.load(open(os.path.join(workdir, "config.json")))["config"]
@@ -56,3 +57,6 @@ def test_vgg9_trains_on_cifar_files_and_hessian_covariance_run(tmp_path, root):
     assert hess["top_values"].shape == (2,) and np.all(np.isfinite(hess["top_residuals"]))
     assert hess["top_values"][0] >= hess["top_values"][1]
     assert cov["sigma_eigenvalues"].shape == (2,) and float(cov["sigma_trace"]) > 0  # keep_prob 0.8: noise
+    events = tensorboard.read_scalars(os.path.join(workdir, "tensorboard"))  # training and analysis scalars
+    assert [s for s, _ in events["train/risk"]] == [0, 3]
+    assert events["analysis/hessian/loss_value"] == [(3, pytest.approx(float(hess["loss_value"]), rel=1e-6))]
