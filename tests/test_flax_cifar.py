@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from configs import base, cifar_resnet20, cifar_vgg9
+from sme import config as config_lib
 from sme import io, tensorboard
-from tests.test_cifar import write_cifar10
+from tests.test_cifar import _images, _write, write_cifar10
 
 TINY_VGG = ["--config.model.channels=(4,4,8,8,8,8)", "--config.model.hidden=(16,16)"]
 
@@ -60,3 +62,27 @@ def test_vgg9_trains_on_cifar_files_and_hessian_covariance_run(tmp_path, root):
     events = tensorboard.read_scalars(os.path.join(workdir, "tensorboard"))  # training and analysis scalars
     assert [s for s, _ in events["train/risk"]] == [0, 3]
     assert events["analysis/hessian/loss_value"] == [(3, pytest.approx(float(hess["loss_value"]), rel=1e-6))]
+
+
+def test_cifar_configs_build_their_flax_models(tmp_path):
+    write_cifar10(str(tmp_path / "c10"))
+    (tmp_path / "c100").mkdir()
+    for split, n in (("train", 4), ("test", 2)):
+        _write(str(tmp_path / "c100" / f"{split}.bin"), _images(n, 0), [(1, 42 + k) for k in range(n)])
+    configs = {}
+    for module, variant, path, classes, sites in ((cifar_vgg9, "cifar10", "c10", 10, 5),
+                                                  (cifar_resnet20, "cifar100", "c100", 100, 4)):
+        cfg = module.get_config(variant)
+        config_lib.check_fields(cfg, base.get_config())
+        cfg.data.path, cfg.train.batch_size = str(tmp_path / path), 2
+        setup = config_lib.build(cfg)
+        assert setup.dataset.num_classes == classes and setup.model.out_dim == classes
+        assert len(setup.model.sites) == sites and all(s.keep_prob == cfg.model.keep_prob for s in setup.model.sites)
+        configs[variant] = cfg
+    configs["cifar10"].model.channels = (4, 4, 8)  # vgg9 takes conv widths in pairs
+    with pytest.raises(config_lib.ConfigError, match="model.channels.*two conv widths per block"):
+        config_lib.build(configs["cifar10"])
+    configs["cifar100"].model.channels = (4, 8)  # two stages: sites 0, 1 and the pooled features 2
+    configs["cifar100"].model.dropout_layers = "3"
+    with pytest.raises(config_lib.ConfigError, match=r"model.dropout_layers.*\[0, 2\]"):
+        config_lib.build(configs["cifar100"])
