@@ -115,6 +115,9 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
                 summary = analyse_run(workdir, Request(tuple(analyses), steps, 0, entry.get("settings", {})))
                 for failure in summary.get("failures", []):
                     log(f"  {entry['name']}: analysis failed: {failure}")
+            if entry.get("post"):  # an experiment's own analysis (results cached in the run directory)
+                groups["post"] = ["post"]
+                entry["post"](workdir)
             t_analysis = time.time() - t0
             run_times = record["runs"].setdefault(entry["name"], {})
             if not done:

@@ -6,7 +6,8 @@ Student-t intervals of the mean (n seeds, n - 1 degrees of freedom); differences
 settings use Welch's interval. Verdict rules, fixed before any run:
 
 * an absolute number (accuracy in %): *reproduced* when our interval comes within 1.5 pp of the
-  paper's range, *partly* within 4 pp, else *not reproduced*;
+  paper's range, *partly* within 4 pp, else *not reproduced*; for the exponent psi the same with
+  0.5 and 1.5;
 * a difference whose sign is the claim: *reproduced* when the interval excludes 0 on the claimed
   side (and, for a stated size, comes within half of it), *partly* when only the mean has the
   claimed sign, *not reproduced* otherwise;
@@ -69,20 +70,21 @@ def welch_interval(a, b, level: float = 0.95) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": min(len(a), len(b))}
 
 
-def verdict_absolute(ci: dict, paper_range) -> tuple[str, str]:
-    """Verdict for an absolute accuracy (pp) against the paper's (low, high) range."""
+def verdict_absolute(ci: dict, paper_range, tolerances=(TOL_REPRODUCED, TOL_PARTLY), unit="pp") -> tuple[str, str]:
+    """Verdict for an absolute number (default: accuracy in pp) against the paper's (low, high) range."""
     if ci["mean"] is None:
         return "not run", "no finished run"
     if ci["low"] is None:
         return "not enough seeds", "one seed: no interval"
     lo, hi = paper_range
     gap = max(lo - ci["high"], ci["low"] - hi, 0.0)  # distance between our interval and the paper's range
-    if gap <= TOL_REPRODUCED:
-        return "reproduced", f"our interval is within {TOL_REPRODUCED} pp of the paper's number"
+    unit = f" {unit}" if unit else ""
+    if gap <= tolerances[0]:
+        return "reproduced", f"our interval is within {tolerances[0]:g}{unit} of the paper's number"
     side = "below" if ci["high"] < lo else "above"
-    if gap <= TOL_PARTLY:
-        return "partly", f"{gap:.1f} pp {side} the paper's number"
-    return "not reproduced", f"{gap:.1f} pp {side} the paper's number"
+    if gap <= tolerances[1]:
+        return "partly", f"{gap:.1f}{unit} {side} the paper's number"
+    return "not reproduced", f"{gap:.1f}{unit} {side} the paper's number"
 
 
 def verdict_sign(ci: dict, sign: int, size: float | None = None) -> tuple[str, str]:

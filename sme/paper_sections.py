@@ -219,3 +219,66 @@ def p_e6(out_dir: str, module, tiny: bool) -> dict:
             "tables": [{"title": "Fisher quantities of the trained nets (1,000 training images)",
                         "columns": ["keep_prob", "Tr F (true)", "Tr F (empirical)", "top eig F (true)", "R_1",
                                     "Fisher form of R_1"], "rows": table}] if table else []}
+
+
+def p_e3(out_dir: str, module, tiny: bool) -> dict:
+    import math
+    import os
+
+    from sme import paper_e3
+    from sme.paper_report import run_dir
+
+    settings = dict(module.analysis_settings(tiny), factors=(2.0, math.e))
+    results = {"sgd": [], "dropout": []}
+    plan = module.get_plan(tiny)
+    for entry in plan:
+        path = os.path.join(run_dir(out_dir, entry["name"]), paper_e3.RESULT)
+        if os.path.exists(path):
+            results[entry["name"].split("/")[1].split("_")[0]].append(paper_e3.analyse_block(
+                run_dir(out_dir, entry["name"]), module.analysis_settings(tiny), block=module.BLOCK))
+    done = sum(len(v) for v in results.values())
+    head = (settings["headline_components"], settings["max_trend"], round(settings["headline_factor"], 4))
+    psi = {v: [r["fits"][head]["psi"] for r in rs] for v, rs in results.items()}
+    ci = {v: t_interval(x) for v, x in psi.items()}
+    rows = [row(module.PAPER["psi_sgd"][0], module.PAPER["psi_sgd"][1], fmt_ci(ci["sgd"]),
+                verdict_absolute(ci["sgd"], (4.0, 4.0), (0.5, 1.5), unit="")),
+            row(module.PAPER["psi_dropout"][0], module.PAPER["psi_dropout"][1], fmt_ci(ci["dropout"]),
+                ("-", "no paper number to compare")),
+            row("psi > 0 (an inverse relation), SGD", "yes", fmt_ci(ci["sgd"]), verdict_sign(ci["sgd"], +1)),
+            row("psi > 0 (an inverse relation), dropout SGD", "yes (2305.15850)", fmt_ci(ci["dropout"]),
+                verdict_sign(ci["dropout"], +1))]
+    decay = {v: t_interval([r["decay"]["exponent"] for r in rs]) for v, rs in results.items()}
+    notes = [f"theta* = the last snapshot; F_i of R_S on the first {settings['num_examples']} training images; "
+             f"headline: PCs 1-{head[0]}, PC 1 and PCs with trend fraction > {head[1]} excluded, c = e; "
+             "capped widths left out. Per-seed bootstrap intervals in report.json.",
+             "Spectrum decay sigma_i^2 ~ i^-a over PCs 2-60: a = " + ", ".join(
+                 f"{v} {fmt_ci(decay[v])}" for v in decay)]
+    table = []
+    for k in settings["sensitivity_components"]:
+        for max_trend in settings["sensitivity_trend"]:
+            cells = [k, "off" if max_trend >= 1 else max_trend]
+            for v in ("sgd", "dropout"):
+                for factor in (math.e, 2.0):
+                    vals = [r["fits"][(k, max_trend, round(factor, 4))]["psi"] for r in results[v]]
+                    cells.append(fmt_ci(t_interval(vals)))
+            table.append(cells)
+    figures = []
+    if done:
+        plt, fig, axes = figure(1, 2, (4.4, 3.4))
+        for ax, v in zip(axes, ("sgd", "dropout")):
+            if not results[v]:
+                continue
+            r = results[v][0]
+            k = r["width"].shape[1]
+            excluded = (np.arange(k) < settings["num_excluded"]) | (r["trend"][:k] > settings["max_trend"])
+            used = ~excluded & ~r["capped"][1]
+            ax.loglog(r["width"][1][used], r["variances"][:k][used], "o", ms=3, label="fitted PCs")
+            ax.loglog(r["width"][1][excluded], r["variances"][:k][excluded], "x", color="red", label="drift PCs")
+            ax.set(xlabel="interval flatness F_i (c = e)", ylabel="sigma_i^2",
+                   title=f"P-E3 {v}, seed 0: psi = {r['fits'][head]['psi']:.2f}")
+            ax.legend(fontsize=7)
+        figures.append(save(plt, fig, out_dir, "paper_p_e3_variance_flatness.png"))
+    return {"status": _status(done, len(plan)), "rows": rows, "notes": notes, "figures": figures,
+            "psi": psi, "tables": [{"title": "psi sensitivity (mean [95% CI] over seeds)",
+                                    "columns": ["PCs", "max_trend", "SGD c=e", "SGD c=2", "dropout c=e",
+                                                "dropout c=2"], "rows": table}]}

@@ -19,7 +19,7 @@ def test_only_selects_in_run_order_and_names_bad_experiments():
         paper.select("P-E5,P-E9")
 
 
-@pytest.mark.parametrize("name", ["P-E5", "P-E4", "P-E6"])
+@pytest.mark.parametrize("name", ["P-E5", "P-E4", "P-E6", "P-E3"])
 def test_every_planned_config_validates_and_has_a_tiny_variant(name):
     from sme import config as config_lib
 
@@ -31,7 +31,7 @@ def test_every_planned_config_validates_and_has_a_tiny_variant(name):
         for entry in plan:
             config_lib.validate(entry["config"])
             if tiny:
-                assert entry["config"].train.num_steps <= 30 and max(entry["config"].model.hidden) <= 16
+                assert entry["config"].train.num_steps <= 60 and max(entry["config"].model.hidden) <= 16
 
 
 def test_p_e4_dropout_has_the_papers_per_layer_keep_probs():
@@ -78,6 +78,8 @@ def test_verdicts_follow_the_stated_rules():
     assert paper_report.verdict_equal(ci(0.2, -0.5, 0.9), 1.0)[0] == "reproduced"
     assert paper_report.verdict_equal(ci(0.2, -2, 2.4), 1.0)[0] == "partly"
     assert paper_report.verdict_absolute({"mean": None}, (1, 2))[0] == "not run"
+    psi = ci(3.2, 2.9, 3.4)  # the exponent psi against Feng & Tu's 4: 0.6 below, within 1.5
+    assert paper_report.verdict_absolute(psi, (4, 4), (0.5, 1.5), unit="") == ("partly", "0.6 below the paper's number")
 
 
 def test_report_of_an_empty_folder_says_not_run(tmp_path):
@@ -122,3 +124,20 @@ def test_tiny_pipeline_trains_analyses_resumes_and_reports(tmp_path, monkeypatch
     paper.run_paper(out, "P-E5", tiny=True, log=lines.append)  # resumed: nothing retrained
     assert sum("(trained already)" in line for line in lines) == 9
     assert paper.io.read_json(os.path.join(out, "timings.json"))["P-E5"]["runs"] == first["P-E5"]["runs"]
+
+
+def test_p_e3_block_is_the_weights_between_the_hidden_layers():
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    from configs.paper import p_e3
+    from sme import config as config_lib, paper_e3
+
+    ds = data.Dataset(np.zeros((4, 784), np.float32), np.eye(10, dtype=np.float32)[:4],
+                      np.zeros((2, 784), np.float32), np.eye(10, dtype=np.float32)[:2], 10, "mnist")
+    model = config_lib.build_model(p_e3.get_config("sgd"), ds)
+    params = model.init(jax.random.PRNGKey(0))
+    mask = paper_e3.block_mask(params, p_e3.BLOCK)
+    flat = np.asarray(ravel_pytree(params)[0])
+    assert mask.shape == (784 * 50 + 50 * 50 + 50 * 10,) and mask.sum() == 2500  # no biases
+    np.testing.assert_array_equal(flat[mask], np.asarray(params["hidden"][1]["w"]).reshape(-1))
