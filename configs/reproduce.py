@@ -1,6 +1,6 @@
 """The plan of `python analyze.py --reproduce=SCALE`: which runs to train and what to analyse.
 
-    python analyze.py --reproduce=cpu  --report=reports/cpu    # E2-E6 at CPU scale (< 30 min, 2 cores)
+    python analyze.py --reproduce=cpu  --report=reports/cpu    # E2-E6 at CPU scale (about 40 min, 2 cores)
     python analyze.py --reproduce=tiny --report=/tmp/tiny      # the same pipeline in about a minute
 
 Each entry trains one config (resuming if its run directory already holds it) and runs the listed

@@ -344,7 +344,8 @@ def report_e4(out_dir) -> dict:
     axes[0].set_xlabel("filter-normalised step α")
     axes[0].set_ylabel("training R_S (seed 0)")
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7, loc="upper center")
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 8)  # room for the legend above the curves
+    axes[0].legend(fontsize=7, loc="upper center", ncol=2)
     out["profile_figure"] = _save(plt, fig, out_dir, "e4_profiles.png")
     return out
 
@@ -366,8 +367,8 @@ def report_e5(out_dir) -> dict:
                          lw=1.6, label=label)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].set_ylim(bottom=max(0.0, min(100 * c[1][len(c[1]) // 10:].min() for c in curves.values()) - 2)
-                     if curves else None)
+    if curves:  # the first tenth of training (a rapid rise) is off scale: the endgame is what differs
+        axes[0].set_ylim(max(0.0, min(100 * c[1][len(c[1]) // 10:].min() for c in curves.values()) - 2), 100.0)
     axes[0].legend(fontsize=8, loc="lower right")
     if "dropout" in curves:
         base_steps, base = curves["dropout"]
@@ -378,6 +379,12 @@ def report_e5(out_dir) -> dict:
                              markevery=max(1, len(base_steps) // 10), label=f"{'R_S + R_1' if run == 'r1' else 'R_S'}"
                                                                           " − dropout")
         axes[1].axhline(0.0, color="C0", lw=0.8)
+        late = [100 * (c[1] - base)[len(base) // 10:] for r, c in curves.items() if r != "dropout"
+                and np.array_equal(c[0], base_steps)]
+        if late:
+            span = max(1.0, max(np.abs(d).max() for d in late))
+            axes[1].set_ylim(-1.3 * span, 1.3 * span)  # the first tenth of training is off scale
+            axes[1].set_title("scaled to steps >= %d (earlier ones off scale)" % base_steps[len(base_steps) // 10], fontsize=9)
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("test accuracy − dropout's (points)")
         axes[1].legend(fontsize=8)

@@ -51,7 +51,9 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   ``<noise>_sigma_frobenius``, ``<noise>_sigma_frobenius_unbiased`` (from the
   U-statistic `sme.covariance.frobenius_sq_unbiased`: the plug-in ||Sigma_K||_F is
   inflated by the finite K; equal to the plug-in for the whole population),
-  ``<noise>_alpha_unbiased`` (alpha with it), ``<noise>_null_haar_unbiased_mean``/``_std``,
+  ``<noise>_alpha_unbiased`` (alpha with it; a ratio of estimates, so unlike the plug-in
+  cosine it leaves [-1, 1] when K samples do not resolve ||Sigma||_F, e.g. heavy-tailed
+  per-example gradients), ``<noise>_null_haar_unbiased_mean``/``_std``,
   ``<noise>_null_haar_mean``/``_std``,
   ``<noise>_null_wishart_mean``/``_std``, ``<noise>_projected_variance`` (top_k,),
   ``<noise>_slope`` (log-log), ``<noise>_slope_intercept``, ``<noise>_slope_low``,
