@@ -28,7 +28,7 @@ def load_average() -> str:
         return "load average unavailable"
 
 
-def gemm_peak(*, size: int = 1024, repeats: int = 9, dtype=jnp.float32) -> float:
+def gemm_peak(*, size: int = 1024, repeats: int = 25, dtype=jnp.float32) -> float:
     """FLOP/s of a (size x size) @ (size x size) matmul: the best of ``repeats`` timed calls.
 
     The best, not the median, because the peak is what the hardware can do; a kernel measured
@@ -74,11 +74,12 @@ def median_seconds(fn, *args, repeats: int) -> float:
 def roofline_line(label: str, seconds: float, flops: float, peak: float, *, width: int = 52) -> str:
     """One line: time, FLOPs, achieved GFLOP/s, fraction of the GEMM peak, and time ÷ the FLOP-count limit."""
     limit = flops / peak
-    return (f"{label:<{width}s} {seconds * 1e3:9.3f} ms  {flops / 1e6:9.1f} MFLOP  "
+    count = f"{flops / 1e6:9.1f} MFLOP" if flops >= 1e6 else f"{flops / 1e3:9.1f} kFLOP"
+    return (f"{label:<{width}s} {seconds * 1e3:9.3f} ms  {count}  "
             f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / peak:6.1%} of peak  "
             f"(limit {limit * 1e3:.3f} ms: x{seconds / limit:.2f})")
 
 
 def peak_line(peak: float) -> str:
-    return (f"GEMM peak (float32 1024^3 matmul, best of 9, this run): {peak / 1e9:.1f} GFLOP/s; "
+    return (f"GEMM peak (float32 1024^3 matmul, best of 25, this run): {peak / 1e9:.1f} GFLOP/s; "
             f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), {load_average()}")

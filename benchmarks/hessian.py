@@ -171,7 +171,7 @@ def run_reference(cfg: dict, path: str, args) -> dict:
     from sme import lanczos
 
     hloss, params, x, y = _jax_problem(cfg, path, jnp.float64)
-    matvec, dim = hs.make_hvp(hloss, params, x, y)
+    matvec, dim = hs.make_hvp(hloss, params, x, y, linearize=None)
     top = jax.jit(lambda key: lanczos.top_eigenpairs(matvec, dim, key=key, k=cfg["top_k"],
                                                      order=cfg["reference_order"], dtype=jnp.float64))
     pairs = top(jax.random.key(123))
@@ -217,9 +217,10 @@ def run_sme_top(cfg: dict, path: str, args) -> dict:
     residual_mib = hs.linearization_bytes(loss, params) / 2**20
     sweep = []
     for order in cfg["orders"]:
-        top = jax.jit(lambda p, key: lanczos.top_eigenpairs(hs.make_hvp(hloss, p, x, y)[0], dim, key=key,
+        top = jax.jit(lambda p, key: lanczos.top_eigenpairs(hs.make_hvp(hloss, p, x, y, linearize=None)[0], dim,
+                                                            key=key,
                                                             k=cfg["top_k"], order=order))
-        tri = jax.jit(lambda p, key: lanczos.tridiagonalize(hs.make_hvp(hloss, p, x, y)[0],
+        tri = jax.jit(lambda p, key: lanczos.tridiagonalize(hs.make_hvp(hloss, p, x, y, linearize=None)[0],
                                                             jax.random.normal(key, (dim,)), order=order)[:2])
         key = jax.random.key(7)
         jax.block_until_ready(top(params, key)), jax.block_until_ready(tri(params, key))  # compile
@@ -254,7 +255,7 @@ def run_sme_density(cfg: dict, path: str, args) -> dict:
 
     hloss, params, x, y = _jax_problem(cfg, path, jnp.float32)
     dim = ravel_pytree(params)[0].shape[0]
-    run = jax.jit(lambda p, key: lanczos.slq_density(hs.make_hvp(hloss, p, x, y)[0], dim, key=key,
+    run = jax.jit(lambda p, key: lanczos.slq_density(hs.make_hvp(hloss, p, x, y, linearize=None)[0], dim, key=key,
                                                      num_probes=cfg["density_probes"], order=cfg["density_order"]))
     jax.block_until_ready(run(params, jax.random.key(11)))  # compile
     with _Window() as window:
@@ -436,7 +437,7 @@ def run_all(cfg: dict, args) -> None:
           f"ratio {sme['t_hvp'] / sme['t_grad']:.2f} (target <= 1.2); forward-over-reverse from scratch "
           f"{sme['t_fresh'] * 1e3:.1f} ms ({sme['t_fresh'] / sme['t_grad']:.2f}x the gradient)")
     peak = sme["gemm_peak"]
-    print(f"roofline (sme worker): GEMM peak {peak / 1e9:.1f} GFLOP/s (float32 1024^3 matmul, best of 9, this run)")
+    print(f"roofline (sme worker): GEMM peak {peak / 1e9:.1f} GFLOP/s (float32 1024^3 matmul, best of 25, this run)")
     for name, t in (("grad", sme["t_grad"]), ("hvp", sme["t_hvp"]), ("fresh", sme["t_fresh"])):
         f = sme["flops"][name]
         label = {"grad": "gradient", "hvp": "linearised HVP", "fresh": "forward-over-reverse HVP"}[name]

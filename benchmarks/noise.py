@@ -214,7 +214,7 @@ def main(argv=None):
     if "error" not in rows["sme_gram"]:
         row = rows["sme_gram"]
         print(f"  top eigenvalues (sme): {np.round(row['eigenvalues'][:5], 6).tolist()} ...")
-        print(f"  roofline: GEMM peak {row['gemm_peak'] / 1e9:.1f} GFLOP/s (float32 1024^3 matmul, best of 9, in the "
+        print(f"  roofline: GEMM peak {row['gemm_peak'] / 1e9:.1f} GFLOP/s (float32 1024^3 matmul, best of 25, in the "
               f"sme worker); sme_gram {row['flops'] / 1e6:.0f} MFLOP (XLA count) at "
               f"{row['flops'] / row['seconds'] / 1e9:.1f} GFLOP/s = {row['flops'] / row['seconds'] / row['gemm_peak']:.0%}"
               f" of peak (FLOP-count limit {row['flops'] / row['gemm_peak'] * 1e3:.2f} ms)")

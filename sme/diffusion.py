@@ -262,6 +262,15 @@ def pair_matrices(z: jax.Array, m: int) -> jax.Array:
     return pairs + jnp.swapaxes(pairs, 1, 2)
 
 
+@jax.custom_vjp
+def _gram(h: jax.Array) -> jax.Array:
+    """H^T H (m, m). Its VJP is H (G + G^T): one GEMM, where autodiff of h.T @ h would do two."""
+    return h.T @ h
+
+
+_gram.defvjp(lambda h: (h.T @ h, h), lambda h, g: (h @ (g + g.T),))
+
+
 def closed_form_potential(problem: Problem, params, noise) -> jax.Array:
     """Q(theta) whose gradient is the closed-form diffusion sample s (module docstring).
 
@@ -290,7 +299,7 @@ def closed_form_potential(problem: Problem, params, noise) -> jax.Array:
     linear = jnp.sum((zh @ w) * (h @ w - psi)) + 0.5 * beta * jnp.sum(zh * h * jnp.diagonal(gram))
     pairs = pair_matrices(noise["z"], h.shape[1])
     if pairs.shape[0] == 1:
-        pair = 0.5 * jnp.sum(pairs[0] * gram * (h.T @ h))
+        pair = 0.5 * jnp.sum(pairs[0] * gram * _gram(h))
     else:
         pair = 0.5 * jnp.einsum("ikl,kl,ik,il->", pairs, gram, h, h)
     return (np.sqrt(v) * linear + v * pair) / n

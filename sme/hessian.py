@@ -226,7 +226,7 @@ def linearization_bytes(fn, params) -> int:
     return sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(lin))
 
 
-def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize: bool | None = None):
+def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize: bool | None = False):
     """Flat Hessian-vector product of the loss over all n examples.
 
     Two evaluations of the same operator:
@@ -241,12 +241,15 @@ def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize
     Size rule (``linearize=None``): linearise when the examples are not chunked and the
     residuals (`linearization_bytes`) fit in `LINEARIZE_MAX_BYTES`; otherwise
     forward-over-reverse. ``True``/``False`` force either (``True`` needs no chunking).
+    The default is forward-over-reverse: the two agree to rounding, but not bit for bit, and
+    vmapped and one-at-a-time linearised products round differently, which statistics that
+    are discontinuous in the eigenvectors (bootstrap bounds over a few eigenpairs) can amplify.
 
     Args:
       hloss: from `make_hessian_loss`.
       params: linearisation point (pytree).
       x, y: (n, ...) examples; chunk_size: examples per chunk (0: all at once).
-      linearize: None (the size rule), True or False.
+      linearize: False (default), None (the size rule) or True.
 
     Returns:
       ``(matvec, dim)``: ``matvec(v (P,)) -> H v (P,)``. Cost per call: linearised, about one
@@ -306,8 +309,9 @@ def make_fisher(kind: str, hloss: HessianLoss, params, x, y, *, chunk_size: int 
       params, x, y, chunk_size: as in `make_hvp`.
 
     Returns:
-      ``(matvec, dim)``. Cost per call: one jvp and one vjp through the network
-      over n examples (linearised once per chunk), ~1 HVP.
+      ``(matvec, dim)``. Cost per call: one jvp and one vjp of the network linearised over n
+      examples, ~1 HVP; unchunked, the network is linearised once per `make_fisher` call (the
+      residuals are the network's activations), chunked once per chunk and product.
     """
     if kind not in FISHER_KINDS:
         raise ValueError(f"unknown Fisher kind {kind!r}; expected one of {FISHER_KINDS}")
@@ -317,21 +321,31 @@ def make_fisher(kind: str, hloss: HessianLoss, params, x, y, *, chunk_size: int 
     loss_of = losses.loss_fn(hloss.loss)
     axis = hloss.mask_axis
 
+    def linearise(xc, yc, mc):
+        if kind == "empirical":  # per-example losses: J_l v = (g_i . v), then J_l^T (w * J_l v)
+            f = lambda p: jax.vmap(lambda xi, yi, mi: loss_of(output(p, xi, mi), yi), in_axes=(0, 0, axis))(xc, yc, mc)
+        else:
+            f = lambda p: jax.vmap(output, in_axes=(None, 0, axis))(p, xc, mc)
+        return jax.linearize(f, params)
+
+    def product(out, f_jvp, yc, wc, tangent):
+        if kind == "empirical":
+            u = wc.astype(flat.dtype) * f_jvp(tangent)
+        else:
+            u = jax.vmap(lambda o, yi, ui: _output_weights(kind, hloss.loss, o, yi, ui))(out, yc, f_jvp(tangent))
+            u = wc.astype(u.dtype)[:, None] * u
+        return ravel_pytree(jax.linear_transpose(f_jvp, params)(u)[0])[0]
+
+    if chunks.x.shape[0] == 1:
+        masks = jax.tree_util.tree_map(lambda a: a[0], chunks.masks) if axis == 0 else chunks.masks
+        out, f_jvp = linearise(chunks.x[0], chunks.y[0], masks)
+        return (lambda v: product(out, f_jvp, chunks.y[0], chunks.w[0], unravel(v.astype(flat.dtype)))), flat.shape[0]
+
     def matvec(v):
         tangent = unravel(v.astype(flat.dtype))
 
         def one(xc, yc, mc, wc):
-            if kind == "empirical":  # per-example losses: J_l v = (g_i . v), then J_l^T (w * J_l v)
-                f = lambda p: jax.vmap(lambda xi, yi, mi: loss_of(output(p, xi, mi), yi),
-                                       in_axes=(0, 0, axis))(xc, yc, mc)
-                _, f_jvp = jax.linearize(f, params)
-                u = wc.astype(flat.dtype) * f_jvp(tangent)
-            else:
-                f = lambda p: jax.vmap(output, in_axes=(None, 0, axis))(p, xc, mc)
-                out, f_jvp = jax.linearize(f, params)
-                u = jax.vmap(lambda o, yi, ui: _output_weights(kind, hloss.loss, o, yi, ui))(out, yc, f_jvp(tangent))
-                u = wc.astype(u.dtype)[:, None] * u
-            return ravel_pytree(jax.linear_transpose(f_jvp, params)(u)[0])[0]
+            return product(*linearise(xc, yc, mc), yc, wc, tangent)
 
         return _chunk_sum(chunks, axis, one, jnp.zeros_like(flat))
 
