@@ -2,10 +2,11 @@
 
 Layout of a workdir:
 
-    config.json                 the run's config + versions + start time
+    config.json                 the run's config + versions + start time (sme.runs)
     metrics.jsonl               one JSON object per evaluation (see sme/train/loop.py)
     checkpoints/step_<N>.npz    training state at step N (kept steps + rolling latest)
-    analysis/<name>/step_<N>.npz, *.png   written by analyze.py
+    analysis/<name>/step_<N>.npz, settings.json, *.png   written by analyze.py
+    .lock                       the writer's lock (sme.runs.WorkdirLock)
 
 Checkpoints are .npz files (no pickle: loaded with allow_pickle=False). Each
 leaf of the state pytree is stored under its path name, with a SHA-256 of all

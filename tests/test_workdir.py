@@ -442,3 +442,12 @@ def test_a_corrupt_config_json_or_settings_manifest_is_named_not_trusted(trained
     _truncate(os.path.join(workdir, "analysis", "toy_scaled", "settings.json"))
     with pytest.raises(runner.AnalysisError, match="unknown settings.*--overwrite"):
         runner.analyse_run(workdir, _request(scale=1.0))
+
+
+def test_every_registered_analysis_checks_its_settings_before_reading_anything_else():
+    """The settings contract of `sme.analyses` that lets analyze.py refuse a bad --set before loading data."""
+    registry = analyses.load_all()
+    for name in sorted(set(registry) - {"toy_scaled"}):
+        with pytest.raises(ValueError, match=f"{name}: unknown settings \\['no_such_setting'\\]"):
+            analyses.check_settings(name, {"no_such_setting": 1})
+        analyses.check_settings(name, {})  # the defaults pass
