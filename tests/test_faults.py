@@ -9,7 +9,6 @@ uninterrupted run.
 """
 
 import os
-import re
 import shutil
 import signal
 import subprocess

@@ -23,7 +23,8 @@ VOLATILE = ("time", "steps_per_sec")
 
 
 def _metrics(workdir):
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    records = io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
 
 
 def _files(workdir):
@@ -451,3 +452,12 @@ def test_every_registered_analysis_checks_its_settings_before_reading_anything_e
         with pytest.raises(ValueError, match=f"{name}: unknown settings \\['no_such_setting'\\]"):
             analyses.check_settings(name, {"no_such_setting": 1})
         analyses.check_settings(name, {})  # the defaults pass
+
+
+def test_a_rerun_restores_summary_entries_another_writer_dropped(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    first = runner.analyse_run(workdir, _request(scale=1.0))
+    path = os.path.join(workdir, "analysis", "summary.json")
+    io.write_json(path, {"other": {"0": {"x": 1.0}}}, digest=True)  # a valid summary without our entries
+    again = runner.analyse_run(workdir, _request(scale=1.0))
+    assert _text(again["toy_scaled"]) == _text(first["toy_scaled"]) and again["other"] == {"0": {"x": 1.0}}
