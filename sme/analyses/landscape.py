@@ -397,21 +397,36 @@ def _plot_flatness_kind(prefix: str, title: str):
                 fitted = ~a["excluded"].astype(bool)
             else:  # artifacts written before the trend rule
                 fitted = np.arange(k) >= json.loads(str(a["settings"]))["num_excluded"]
+            fit_k = json.loads(str(a["settings"])).get("fit_components") or k
+            in_range = np.arange(k) < fit_k
             for i, (ax, tag) in enumerate(zip(axes, FACTOR_NAMES)):
                 w, capped = a["width"][i], a["capped"][i]
-                used = fitted & ~capped & a["resolved"]
+                ok = fitted & ~capped & a["resolved"]
+                used = ok & in_range
                 ax.loglog(w[used], var[used], "o", label="PCs in the fit")
+                if np.any(ok & ~in_range):
+                    ax.loglog(w[ok & ~in_range], var[ok & ~in_range], ".", color="C0", alpha=0.5,
+                              label=f"PCs beyond {fit_k} (not fitted)")
                 ax.loglog(w[~fitted], var[~fitted], "s", color="grey", label="excluded (drift)")
-                ax.loglog(w[fitted & ~used], var[fitted & ~used], "o", mfc="none", label="capped/unresolved")
+                ax.loglog(w[fitted & ~ok], var[fitted & ~ok], "o", mfc="none", label="capped/unresolved")
                 psi = float(a[f"psi_{tag}"])
                 if np.isfinite(psi):
                     grid = np.geomspace(w[used].min(), w[used].max(), 50)
+                    limits = ax.get_xlim(), ax.get_ylim()
                     ax.loglog(grid, np.exp(float(a[f"intercept_{tag}"])) * grid ** -psi, "k-",
                               label=f"ψ = {psi:.2f} [{float(a[f'psi_low_{tag}']):.2f}, "
                                     f"{float(a[f'psi_high_{tag}']):.2f}], ρ = {float(a[f'spearman_{tag}']):.2f}")
+                    # the interval's slopes, pivoting at the fitted points' log-log centroid
+                    cx, cy = np.mean(np.log(w[used])), np.mean(np.log(var[used]))
+                    for j, end in enumerate((float(a[f"psi_low_{tag}"]), float(a[f"psi_high_{tag}"]))):
+                        if np.isfinite(end):
+                            ax.loglog(grid, np.exp(cy - end * (np.log(grid) - cx)), "k:", lw=0.9,
+                                      label="95 % interval of ψ" if j == 0 else None)
+                    ax.set_xlim(limits[0])
+                    ax.set_ylim(limits[1])  # a wide interval must not squash the points
                 c = "2" if tag == "c2" else "e"
                 ax.set(xlabel=f"flatness F_i (c = {c})", title=f"{title}, step {step}")
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7, loc="best")
             axes[0].set_ylabel("variance σ_i²")
             written.append(save_figure(fig, plt, directory, f"{prefix}_step_{step:09d}.png"))
         return written
