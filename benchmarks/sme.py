@@ -40,7 +40,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from sme import data, diffusion, lockstep, models, rng, sde  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # _roofline (after the root: benchmarks/sme.py is not sme)
 from _roofline import flop_count, gemm_peak, peak_line, roofline_line  # noqa: E402
 
 

@@ -59,7 +59,7 @@ import numpy as np
 
 # The repository root, so that `sme` and `configs` import from a checkout without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # _roofline (after the root: benchmarks/sme.py is not sme)
 
 SEED = 0
 NUM_EXAMPLES = 10_000
