@@ -5,23 +5,23 @@ tanh teacher, MSE, full-batch dropout GD with shared masks, all from replica 0's
 parameters. For every (p, eps) in keep_prob_grid x lr_grid, R = 10,000 replicas of dropout GD, of
 the order-1, order-2 and R_2-form SMEs (Euler-Maruyama, closed-form Sigma^{1/2}, l = 2 substeps plus
 the nested h = eps/4 grid for Richardson extrapolation, quantile-coupled to the discrete masks) and
-of dropout-SVAG(4), up to SME time T = 2:
+of dropout-SVAG(4), and the ODE controls ode1/ode2 (same drifts, Sigma = 0), up to SME time T = 2:
 
     python train.py --config=configs/sme_weak_error.py --workdir=runs/sme_weak_error
     python analyze.py --workdir=runs/sme_weak_error --analyses=weak_error
 
 The second command writes analysis/weak_error/ (the table, fitted orders and PNGs). Costs about 5
-minutes on 2 CPU cores (25 cells, 775 discrete steps x 10^4 replicas x 4 SDE processes; the
-analysis about 10 s). The
+minutes on 2 idle CPU cores with 4 SDE processes, more with the two ODEs (25 cells, 775 discrete
+steps x 10^4 replicas; 63 min on 2 shared cores); the analysis about 1 min. The
 ``tiny`` variant (seconds; for tests) keeps the pipeline and shrinks everything:
 
     python train.py --config=configs/sme_weak_error.py:tiny --workdir=/tmp/sme_tiny
 
-Expected (docs/results_e1.md has the measured numbers): the order-1 weak error of R_S shrinks
-linearly in eps (fitted order 0.99 [0.95, 1.02] at p = 0.8, 1.07 [1.04, 1.10] at p = 0.9); order 2 is
-below order 1 at every eps for p >= 0.8 (and for eps <= 0.1 at p = 0.5) with slope ~2 where resolved
-(1.93 [1.59, 2.23] at p = 0.9) until it meets the Monte Carlo floor (~1e-4); the R_2 form is only
-first order at p = 0.5 and 0.8; at p = 0.1 the SDE integrations blow up for eps >= 0.05.
+Expected (docs/results_e1.md has the measured numbers): the order-1 SME and its ODE control are both
+first order at the declared times (t = 1: 1.02 [0.97, 1.08] and 0.99 [0.91, 1.07] at p = 0.9); the
+order-2 SME falls about fourfold per halving of eps to the Monte Carlo floor (~1e-5) while its ODE
+stays first order (1.05 [0.99, 1.12] at p = 0.8, T = 2); at p = 0.1 dropout GD's second moments
+blow up for eps >= 0.05.
 """
 
 from ml_collections import ConfigDict
