@@ -68,8 +68,8 @@ def test_mask_outputs_and_weighted_gradients_equal_the_per_mask_computation(arch
         # The step's gradient is sum_k w_k grad R^drop(eta_k): mask-weighted errors summed before
         # the outer product in the shared path, one gradient per mask in the reference.
         w = jnp.linspace(-1.0, 2.0, 5, dtype=jnp.float64)
-        got = jax.grad(lambda p: w @ diffusion.mask_risks(problem, p, masks))(params)
-        ref = jax.grad(lambda p: w @ _unshared_risks(problem, p, masks))(params)
+        got, ref = jax.jit(lambda p: (jax.grad(lambda q: w @ diffusion.mask_risks(problem, q, masks))(p),
+                                      jax.grad(lambda q: w @ _unshared_risks(problem, q, masks))(p)))(params)
         _close(ravel_pytree(got)[0], ravel_pytree(ref)[0])
 
 
@@ -117,12 +117,15 @@ def test_closed_form_gram_potential_equals_the_feature_form_and_its_derivative(m
         y = jax.random.normal(jax.random.key(3), (6, 3), jnp.float64)
         problem = diffusion.Problem(model, "mse", mode, x, y)
         noise = diffusion.sample_noise(problem, "closed_form", key=jax.random.key(5), num_masks=0)
-        got = diffusion.diffusion_sample(problem, "closed_form", params, noise)
-        _close(ravel_pytree(got)[0], ravel_pytree(_phi_sample(problem, params, noise))[0])
+        ours = lambda p: diffusion.diffusion_sample(problem, "closed_form", p, noise)
+        theirs = lambda p: _phi_sample(problem, p, noise)
         # Derivative of sigma xi in theta (the r2 drift differentiates ||sigma xi||^2).
-        sq = lambda fn: jax.grad(lambda p: sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(fn(p))))(params)
-        _close(ravel_pytree(sq(lambda p: diffusion.diffusion_sample(problem, "closed_form", p, noise)))[0],
-               ravel_pytree(sq(lambda p: _phi_sample(problem, p, noise)))[0])
+        sq = lambda fn: jax.grad(lambda p: sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(fn(p))))
+        flat = lambda t: ravel_pytree(t)[0]
+        got, want = jax.jit(lambda p: ((flat(ours(p)), flat(sq(ours)(p))), (flat(theirs(p)), flat(sq(theirs)(p)))))(
+            params)
+        _close(got[0], want[0])
+        _close(got[1], want[1])
 
 
 def test_masks_at_non_droppable_sites_are_ones():
