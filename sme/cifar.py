@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from sme.data import DataError
+from sme.errors import DataError
 
 IMAGE_SHAPE = (32, 32, 3)
 _PIXELS = 32 * 32 * 3

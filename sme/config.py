@@ -282,8 +282,10 @@ def build_model(cfg, dataset: data_lib.Dataset) -> models.Model:
         _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,
                f"must multiply to the data's input size {dataset.in_dim}")
         selection = parse_dropout_layers(m.dropout_layers, num_sites(m.name, len(m.channels), len(m.hidden)))
-        model = models.make_model(m.name, input_shape=shape, channels=tuple(m.channels), hidden=tuple(m.hidden),
-                                  dropout_layers=selection, **common)
+        from sme import flax_models  # flax is imported only for the Flax models
+
+        model = flax_models.make_flax_model(m.name, input_shape=shape, channels=tuple(m.channels),
+                                            hidden=tuple(m.hidden), dropout_layers=selection, **common)
     elif m.name == "cnn":
         shape = tuple(int(s) for s in m.input_shape)
         _check(math.prod(shape) == dataset.in_dim, "model.input_shape", shape,

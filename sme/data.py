@@ -51,6 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sme import cifar
+from sme.errors import DataError
+
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "npz", "relu_1d", "tanh_1d", "teacher", "cifar10", "cifar100")
 SYNTHETIC = ("relu_1d", "tanh_1d", "teacher")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -94,10 +97,6 @@ class DataSpec:
     input_dim: int = 4  # teacher
     teacher_width: int = 4  # teacher
     noise_std: float = 0.0  # synthetic label noise
-
-
-class DataError(ValueError):
-    """A dataset file is missing or malformed."""
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -346,8 +345,6 @@ def load_dataset(spec: DataSpec) -> Dataset:
     elif spec.name == "npz":
         parts = _npz(spec)
     elif spec.name in ("cifar10", "cifar100"):  # binary version in data.path (sme.cifar)
-        from sme import cifar
-
         parts = cifar.load(spec.path, spec.name)
     else:
         parts = _synthetic(spec)

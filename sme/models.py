@@ -329,10 +329,8 @@ def make_model(name: str, **kwargs) -> Model:
         return make_mlp(MLPSpec(hidden=tuple(hidden), **kwargs))
     if name == "cnn":
         return make_cnn(CNNSpec(**kwargs))
-    if name in ("vgg9", "resnet20"):  # Flax modules; flax is imported for these only
-        from sme.flax_models import make_flax_model
-
-        return make_flax_model(name, **kwargs)
+    if name in ("vgg9", "resnet20"):
+        raise ValueError(f"{name} is a Flax model: build it with sme.flax_models.make_flax_model")
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
 
 
