@@ -207,6 +207,7 @@ def write_report(out_dir: str, *, tiny: bool = False) -> dict:
         section["doc"] = (module.__doc__ or "").strip().splitlines()[0] if module else ""
         if name in timings:
             section["timing"] = {k: v for k, v in timings[name].items() if k != "runs"}
+            section["timing"]["kernel"] = getattr(module, "KERNEL", section["timing"].get("kernel"))
         report["experiments"][name] = section
     io.write_json(os.path.join(out_dir, "report.json"), report)
     with open(os.path.join(out_dir, "report.md"), "w") as f:

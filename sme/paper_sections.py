@@ -78,7 +78,7 @@ def p_e5(out_dir: str, module, tiny: bool) -> dict:
             axes[0].plot(stepss, mean, label=f"{labels[objective]} ({len(runs)} seeds)")
         axes[0].axhline(88.5, color="gray", ls=":", lw=1, label="paper: dropout, R_S + R_1")
         axes[0].axhline(79.0, color="gray", ls="--", lw=1, label="paper: R_S")
-        axes[0].set(xlabel="GD step", ylabel="test accuracy (%)", title=f"P-E5, keep_prob {p}")
+        axes[0].set(xlabel="GD step", ylabel="test accuracy (%)", title=f"P-E5, keep_prob {p}", ylim=(75, 93))
         axes[0].legend(fontsize=7)
         for k, objective in enumerate(("dropout", "l1")):
             qs = [r[0] for r in sweep_rows[:4] if r[1 + k] != "not run"]
@@ -108,6 +108,7 @@ def p_e4(out_dir: str, module, tiny: bool) -> dict:
             continue
         done += 1
         values[variant]["acc"].append(100 * final["test/acc"])
+        values[variant].setdefault("train_risk", []).append(final["train/risk"])
         curves.setdefault(variant, []).append(metrics(out_dir, entry["name"]))
         hess = last_artifact(out_dir, entry["name"], "hessian")
         values[variant]["lambda_max"].append(scalar(hess, "top_values", 0))
@@ -117,6 +118,7 @@ def p_e4(out_dir: str, module, tiny: bool) -> dict:
         if prof:
             profiles.setdefault(variant, []).append((np.asarray(prof["alphas"]), np.asarray(prof["train_losses"])))
     ci = {v: {k: t_interval(x) for k, x in d.items() if k != "trace_se"} for v, d in values.items()}
+    risk = {v: t_interval(values[v].get("train_risk", [])) for v in values}
     acc_diff = welch_interval(values["dropout"]["acc"], values["plain"]["acc"])
     paper = module.PAPER
 
@@ -148,7 +150,10 @@ def p_e4(out_dir: str, module, tiny: bool) -> dict:
              f"Flatness like-for-like: Hessian of R_S (no dropout) on the same first "
              f"{module.HESSIAN['num_examples']} training images for both nets; Tr H by "
              f"{module.HESSIAN['num_probes']} Hutchinson probes (per-net standard errors in report.json).",
-             "Ratios dropout / no dropout: exp of Welch's interval on log values."]
+             "Ratios dropout / no dropout: exp of Welch's interval on log values.",
+             f"Final training risk R_S (all training images): dropout {fmt_ci(risk['dropout'], digits=4)}, "
+             f"no dropout {fmt_ci(risk['plain'], digits=4)}: the nets are compared at the same step, not at the "
+             "same loss."]
     figures = []
     if profiles or curves:
         plt, fig, axes = figure(1, 2, (4.6, 3.4))
@@ -267,6 +272,7 @@ def p_e3(out_dir: str, module, tiny: bool) -> dict:
         plt, fig, axes = figure(1, 2, (4.4, 3.4))
         for ax, v in zip(axes, ("sgd", "dropout")):
             if not results[v]:
+                ax.set_axis_off()
                 continue
             r = results[v][0]
             k = r["width"].shape[1]
@@ -274,6 +280,7 @@ def p_e3(out_dir: str, module, tiny: bool) -> dict:
             used = ~excluded & ~r["capped"][1]
             ax.loglog(r["width"][1][used], r["variances"][:k][used], "o", ms=3, label="fitted PCs")
             ax.loglog(r["width"][1][excluded], r["variances"][:k][excluded], "x", color="red", label="drift PCs")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on short decades
             ax.set(xlabel="interval flatness F_i (c = e)", ylabel="sigma_i^2",
                    title=f"P-E3 {v}, seed 0: psi = {r['fits'][head]['psi']:.2f}")
             ax.legend(fontsize=7)

@@ -31,7 +31,7 @@ PAPER = {
     "trace": ("Tr H of R_S: dropout / no dropout", "< 1 (flatter with dropout)", None),
 }
 BUDGET = 700.0
-KERNEL = "the 1024 x 1024 and 1024 x 784 dense matmuls of the batch-128 Adam steps; then Hessian-vector products on 2,000 images"
+KERNEL = "the 1024 x 1024 and 1024 x 784 dense matmuls of the batch-128 Adam steps; then Hessian-vector products on 1,000 images"
 FLAT_EXAMPLES = 1000  # the same training subset for both nets' Hessians and profiles
 HESSIAN = dict(loss_kind="risk", num_examples=FLAT_EXAMPLES, chunk_size=500, order=20, top_k=3, bottom_k=0,
                num_probes=20, hutchpp_sketch=0)
