@@ -14,50 +14,13 @@ Cost: the sum of the experiments' training and analyses; the report itself is se
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 
 from sme import io
+from sme.paper_report import write_report
 
-# In the order they run: the budget goes to the first ones.
-EXPERIMENTS = {
-    "P-E5": "configs.paper.p_e5",
-    "P-E4": "configs.paper.p_e4",
-    "P-E3": "configs.paper.p_e3",
-    "P-E6": "configs.paper.p_e6",
-    "P-E2": "configs.paper.p_e2",
-    "Fashion": "configs.paper.fashion",
-    "P-E1": "configs.paper.p_e1",
-}
-TIMINGS = "timings.json"
-
-
-class PaperError(ValueError):
-    """A bad --only selection or an experiment without a config."""
-
-
-def select(only: str | None) -> list[str]:
-    """Experiment names from ``--only`` ("P-E5,P-E4"; case-insensitive), in run order; None = all."""
-    if not only:
-        return list(EXPERIMENTS)
-    lookup = {name.lower(): name for name in EXPERIMENTS}
-    wanted = [s.strip() for s in str(only).split(",") if s.strip()]
-    unknown = [s for s in wanted if s.lower() not in lookup]
-    if unknown or not wanted:
-        raise PaperError(f"--only={only!r}: unknown experiment(s) {unknown}; expected names from {list(EXPERIMENTS)}")
-    chosen = {lookup[s.lower()] for s in wanted}
-    return [name for name in EXPERIMENTS if name in chosen]
-
-
-def experiment_module(name: str):
-    """The config module of experiment ``name``, or None when it has none yet."""
-    try:
-        return importlib.import_module(EXPERIMENTS[name])
-    except ModuleNotFoundError as err:
-        if err.name == EXPERIMENTS[name]:
-            return None
-        raise
+from sme.paper_plan import EXPERIMENTS, TIMINGS, PaperError, experiment_module, select  # noqa: F401 (re-exported)
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
@@ -77,7 +40,6 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
     for work actually done in this call, so a resumed call keeps the first call's times.
     """
     from sme.analyses.runner import Request, analyse_run
-    from sme.paper_report import write_report
     from sme.train import loop
 
     names = select(only)

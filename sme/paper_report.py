@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from sme import io
+from sme.paper_plan import EXPERIMENTS, TIMINGS, experiment_module
 
 DPI = 130
 TOL_REPRODUCED, TOL_PARTLY = 1.5, 4.0  # pp, for absolute accuracies
@@ -187,9 +188,7 @@ def save(plt, fig, out_dir: str, name: str) -> str:
 
 
 def write_report(out_dir: str, *, tiny: bool = False) -> dict:
-    """Write report.json and report.md for every experiment of `sme.paper.EXPERIMENTS`."""
-    from sme.paper import EXPERIMENTS, TIMINGS, experiment_module
-
+    """Write report.json and report.md for every experiment of `sme.paper_plan.EXPERIMENTS`."""
     timings_path = os.path.join(out_dir, TIMINGS)
     timings = io.read_json(timings_path) if os.path.exists(timings_path) else {}
     report = {"experiments": {}, "tiny": tiny}

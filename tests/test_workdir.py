@@ -135,8 +135,13 @@ def _plot_toy(directory, steps):
     return []
 
 
-if "toy_scaled" not in analyses.REGISTRY:
-    analyses.register("toy_scaled", plot_fn=_plot_toy)(_toy)
+@pytest.fixture(autouse=True)
+def _toy_registered():
+    """Registers the toy analysis for this module's tests only (other tests see the real registry)."""
+    if "toy_scaled" not in analyses.REGISTRY:
+        analyses.register("toy_scaled", plot_fn=_plot_toy)(_toy)
+    yield
+    analyses.REGISTRY.pop("toy_scaled", None)
 
 
 def _request(steps="all", overwrite=False, **settings):
