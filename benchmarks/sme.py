@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,18 +39,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 from sme import data, diffusion, lockstep, models, rng, sde  # noqa: E402
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # _roofline (after the root: benchmarks/sme.py is not sme)
-from _roofline import flop_count, gemm_peak, peak_line, roofline_line  # noqa: E402
-
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median wall time of fn(*args) after one warm-up (compilation) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+from _roofline import flop_count, gemm_peak, median_seconds, peak_line, roofline_line  # noqa: E402
 
 
 def e1_problem():
@@ -83,13 +70,13 @@ def step_costs(problem, model, *, steps: int, repeats: int, variants, replicas: 
 
     rs = jnp.arange(replicas)
     batched = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (replicas, *a.shape)), params)
-    base = timed(jax.jit(jax.vmap(discrete)), batched, rs, repeats=repeats) / steps / replicas
+    base = median_seconds(jax.jit(jax.vmap(discrete)), batched, rs, repeats=repeats) / steps / replicas
     rows = [("dropout GD step", base, flop_count(gd_one, params, 0))]
     for label, drift, diff, est in variants:
         sme_v = sde.make_sme(problem, drift=drift, diffusion=diff, estimator=est, lr=lr, num_masks=num_masks)
         run = jax.vmap(lambda p, r, s=sme_v: sde.em_integrate(s, p, key=jax.random.key(r), num_steps=steps, h=lr))
         one = lambda p, k, s=sme_v: sde.em_step(s, p, s.sample_noise(k), h=lr)
-        rows.append((label, timed(jax.jit(run), batched, rs, repeats=repeats) / steps / replicas,
+        rows.append((label, median_seconds(jax.jit(run), batched, rs, repeats=repeats) / steps / replicas,
                      flop_count(one, params, jax.random.key(0))))
     return [(label, t, t / base, flops) for label, t, flops in rows]
 
@@ -98,7 +85,7 @@ def throughput(problem, model, *, spec, replicas, steps: int, repeats: int) -> f
     params = model.init(rng.stream_key(0, rng.INIT))
     advance = jax.jit(lockstep.make_advance(spec))
     state = lockstep.init_lockstep(params, spec, replicas)
-    seconds = timed(lambda s: advance(s, steps, 0.1, problem), state, repeats=repeats)
+    seconds = median_seconds(lambda s: advance(s, steps, 0.1, problem), state, repeats=repeats)
     return replicas * steps / seconds
 
 
@@ -145,11 +132,11 @@ def diffrax_comparison(problem, model, *, steps: int, replicas: int, repeats: in
 
     keys = jax.random.split(jax.random.key(0), replicas)
     rows = []
-    t_ours = timed(jax.jit(jax.vmap(ours)), keys, repeats=repeats)
+    t_ours = median_seconds(jax.jit(jax.vmap(ours)), keys, repeats=repeats)
     rows.append(("sme em_integrate (lax.scan)", t_ours, 1.0))
     for path in ("unsafe", "virtual"):
         run = jax.jit(jax.vmap(lambda k, p=path: theirs(k, p)))
-        t = timed(run, keys, repeats=repeats)
+        t = median_seconds(run, keys, repeats=repeats)
         rows.append((f"diffrax Euler + {'UnsafeBrownianPath' if path == 'unsafe' else 'VirtualBrownianTree'}",
                      t, t / t_ours))
     return rows

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from sme import io
+from sme.analyses import common
 from sme.paper_plan import EXPERIMENTS, TIMINGS, experiment_module
 
 DPI = 130
@@ -166,22 +167,11 @@ def scalar(arrays: dict, key: str, index=None):
 
 
 def figure(rows=1, cols=1, size=(5.0, 3.4)):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
-    return plt, fig, axes.reshape(-1)
+    return common.subplots(rows, cols, size)
 
 
 def save(plt, fig, out_dir: str, name: str) -> str:
-    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
-    path = os.path.join(out_dir, "figures", name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return os.path.relpath(path, out_dir)
+    return common.save_report_figure(fig, plt, out_dir, name, dpi=DPI)
 
 
 # ----------------------------------------------------------------------------- the report

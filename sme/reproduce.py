@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from sme import io, stats
+from sme.analyses import common
 from sme.analyses.common import step_axis
 from sme.analyses.runner import Request, analyse_run
 from sme.train import loop
@@ -95,23 +96,12 @@ def _num(arrays: dict, key: str, index=None) -> float:
     return float(value if index is None else value.reshape(-1)[index])
 
 
-def _figure(rows=1, cols=2, size=(4.2, 3.2)):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
-    return plt, fig, axes.reshape(-1)
+def _figure(rows, cols, size):
+    return common.subplots(rows, cols, size)
 
 
 def _save(plt, fig, out_dir, name) -> str:
-    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
-    path = os.path.join(out_dir, "figures", name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return os.path.relpath(path, out_dir)
+    return common.save_report_figure(fig, plt, out_dir, name, dpi=DPI)
 
 
 DPI = 150
@@ -303,11 +293,6 @@ def report_e4(out_dir) -> dict:
         out[run] = row
     runs = [r for r in ("dropout", "plain") if r in out]
     plt, fig, axes = _figure(1, 3, (3.3, 3.3))
-    panels = ((axes[0], "test accuracy", lambda r: [out[r]["test_acc"]], None),
-              (axes[1], "λ_max", lambda r: [out[r].get(k, {}).get("lambda_max_per_seed") for k in ("r_s", "l_s")],
-               "λ_max of the Hessian"),
-              (axes[2], "Tr H", lambda r: [out[r].get(k, {}).get("trace_per_seed") for k in ("r_s", "l_s")],
-               "Tr H (Hutchinson)"))
     for i, run in enumerate(runs):
         color = "C0" if run == "dropout" else "C1"
         acc = out[run]["test_acc"]

@@ -197,6 +197,20 @@ def save_figure(fig, plt, directory: str, name: str, *, dpi: int = 120) -> str:
     return path
 
 
+def subplots(rows: int, cols: int, size: tuple[float, float]):
+    """A rows x cols grid of panels, each ``size`` inches: (plt, fig, the axes as a flat array)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return plt, fig, axes.reshape(-1)
+
+
+def save_report_figure(fig, plt, out_dir: str, name: str, *, dpi: int) -> str:
+    """Write ``out_dir/figures/name``; returns its path relative to ``out_dir`` (as a report links it)."""
+    directory = os.path.join(out_dir, "figures")
+    os.makedirs(directory, exist_ok=True)
+    return os.path.relpath(save_figure(fig, plt, directory, name, dpi=dpi), out_dir)
+
+
 def step_axis(ax, steps) -> None:
     """Label the training-step axis; log-spaced checkpoints (with step 0) read best on a symlog axis."""
     ax.set_xlabel("training step N")
