@@ -32,7 +32,8 @@ model.channels      cnn conv channels per block (each conv3x3 -> act -> maxpool2
                     vgg9: two per block; resnet20: one per stage (resnet20 ignores model.hidden).
 model.input_shape   cnn/vgg9/resnet20 input (height, width, channels); must multiply to the data's in_dim.
 loss                mse (½||f - y||², one-hot targets for classes) | cross_entropy.
-objective           r_s | dropout | l1 | l2 | l3 | l4 | l1_r2 (see sme/losses.py).
+objective           r_s | dropout | l1 | l2 | l3 | l4 | l1_r2 | drop_r2 (see sme/losses.py).
+penalty_lr          lambda of the (lambda/4)||grad R^drop_S||² penalty (l2, l3, l1_r2, drop_r2); -1 = optim.lr.
 mask_mode           per_sample (nn.Dropout) | shared (one mask per batch, the papers' formulas).
 optim.name          sgd | momentum | adam.
 optim.lr            learning rate eps > 0 (SME time t = N eps).
@@ -111,6 +112,7 @@ def get_config() -> ConfigDict:
 
     c.loss = "cross_entropy"
     c.objective = "dropout"
+    c.penalty_lr = -1.0
     c.mask_mode = "per_sample"
 
     c.optim = ConfigDict(dict(

@@ -16,8 +16,9 @@ import numpy as np
 import optax
 
 from sme import data as data_lib
-from sme import losses, models
-from sme.dropout import MASK_MODES
+from sme import lockstep, losses, models, sde
+from sme.dropout import MASK_MODES, MAX_ENUMERATED_UNITS
+from sme.problem import METHODS
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,8 @@ def validate(cfg) -> None:
                m.input_shape, "must be (height, width, channels)")
     _check(c.loss in losses.LOSS_NAMES, "loss", c.loss, f"must be one of {losses.LOSS_NAMES}")
     _check(c.objective in losses.OBJECTIVES, "objective", c.objective, f"must be one of {tuple(losses.OBJECTIVES)}")
+    _check(float(c.get("penalty_lr", -1.0)) == -1.0 or 0 <= float(c.penalty_lr) < math.inf, "penalty_lr",
+           c.get("penalty_lr"), "must be >= 0 (or -1: the R_2 penalty uses optim.lr)")
     _check(c.mask_mode in MASK_MODES, "mask_mode", c.mask_mode, f"must be one of {MASK_MODES}")
     o = c.optim
     _check(o.name in OPTIMIZERS, "optim.name", o.name, f"must be one of {OPTIMIZERS}")
@@ -192,11 +195,12 @@ def validate(cfg) -> None:
     validate_sde(c)
 
 
-SDE_VARIANTS = ("order1", "order2", "r2", "svag", "ode1", "ode2")
-SDE_DIFFUSIONS = ("auto", "closed_form", "exact", "masks")
-SDE_ESTIMATORS = ("auto", "closed_form", "exact", "masks")
-SDE_COUPLINGS = ("none", "variants", "quantile")
-SDE_TRACES = ("sample", "exact")
+# The library owns the allowed values; "auto" is `sme.problem.resolve_method`.
+SDE_VARIANTS = lockstep.VARIANTS
+SDE_DIFFUSIONS = ("auto", *METHODS)
+SDE_ESTIMATORS = ("auto", *METHODS)
+SDE_COUPLINGS = lockstep.COUPLINGS
+SDE_TRACES = sde.TRACES
 
 
 def parse_float_list(spec: str, field: str) -> list[float]:
@@ -241,7 +245,8 @@ def validate_sde(c) -> None:
                        ("num_batches", 2), ("num_evals", 1), ("num_probes", 0), ("eval_num_masks", 2),
                        ("num_boot", 100)):
         _check(isinstance(s[field], int) and s[field] >= low, f"sde.{field}", s[field], f"must be an integer >= {low}")
-    _check(1 <= s.max_enumerated_units <= 20, "sde.max_enumerated_units", s.max_enumerated_units, "must be in [1, 20]")
+    _check(1 <= s.max_enumerated_units <= MAX_ENUMERATED_UNITS, "sde.max_enumerated_units", s.max_enumerated_units,
+           f"must be in [1, {MAX_ENUMERATED_UNITS}]")
     _check(s.num_replicas % s.num_batches == 0, "sde.num_replicas", s.num_replicas,
            f"must be a multiple of sde.num_batches={s.num_batches}")
     _check(isinstance(s.richardson, bool), "sde.richardson", s.richardson, "must be True or False")
@@ -352,7 +357,7 @@ def build(cfg) -> Setup:
         _check(dataset.num_classes > 0, "loss", cfg.loss, f"{dataset.name} is a regression set: use mse")
     model = build_model(cfg, dataset)
     try:
-        losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode, lr=cfg.optim.lr)
+        losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode, lr=losses.penalty_coefficient(cfg))
     except ValueError as err:
         raise ConfigError(f"config.objective={cfg.objective!r}: {err}") from err
     steps = parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)

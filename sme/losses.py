@@ -15,6 +15,8 @@ l(f, y) = ½ ||f - y||² (summed over outputs); cross-entropy is
 * Diagnostic objectives (docs/theory.md, "L_S and R_1"): L_1 = R_S + R_1,
   L_2 = R_S + (eps/4)||grad R^drop||², L_3 = R^drop - (eps/4)||grad R^drop||²,
   L_4 = R^drop - R_1.
+* drop_r2 = R^drop_S + (lambda/4)||grad R^drop_S||² (2207.05952 Fig. 14a), lambda =
+  config.penalty_lr when set, else eps (`penalty_coefficient`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sme.dropout import check_mode, ones_masks
+from sme.dropout import check_mode, enumerate_masks, ones_masks
 from sme.models import Model, batch_apply
+from sme.problem import accepts_problem, check_closed_form, tree_sq_norm
 
 LOSS_NAMES = ("mse", "cross_entropy")
 # name -> (uses masks, needs the closed-form R_1, needs the R_2 gradient penalty)
@@ -38,6 +41,7 @@ OBJECTIVES = {
     "l3": (True, False, True),
     "l4": (True, True, False),
     "l1_r2": (True, True, True),
+    "drop_r2": (True, False, True),
 }
 
 
@@ -64,26 +68,18 @@ def accuracy(out: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(out, -1) == jnp.argmax(y, -1))
 
 
+@accepts_problem
 def dropout_risk(model: Model, loss: str, params, x, y, masks, *, mode: str) -> jax.Array:
     """R^drop_S(theta; eta): mean loss with masks shared (one set) or per_sample (leading n)."""
     out = batch_apply(model, params, x, masks, mode=check_mode(mode))
     return jnp.mean(jax.vmap(loss_fn(loss))(out, y))
 
 
+@accepts_problem
 def risk(model: Model, loss: str, params, x, y) -> jax.Array:
     """R_S(theta): the deterministic network's mean loss."""
     masks = ones_masks(model.sites, dtype=x.dtype)
     return dropout_risk(model, loss, params, x, y, masks, mode="shared")
-
-
-def check_closed_form(model: Model, loss: str) -> None:
-    """Raise unless L_S = R_S + R_1 holds exactly (MSE, dropout only on the readout input)."""
-    if loss != "mse":
-        raise ValueError(f"the closed-form R_1 holds for the mse loss only, not {loss!r}")
-    if not model.only_last_layer_dropout:
-        raise ValueError(
-            "the closed-form R_1 needs dropout on the last hidden layer only "
-            f"(sites: {[(s.name, s.keep_prob) for s in model.sites]})")
 
 
 def r1(model: Model, params, x) -> jax.Array:
@@ -95,38 +91,46 @@ def r1(model: Model, params, x) -> jax.Array:
     return (1.0 - p) / (2.0 * p) * jnp.mean((h**2) @ row_norms)
 
 
+@accepts_problem
 def modified_loss(model: Model, loss: str, params, x, y) -> jax.Array:
     """Closed-form L_S = R_S + R_1 (MSE, last-layer dropout only)."""
     check_closed_form(model, loss)
     return risk(model, loss, params, x, y) + r1(model, params, x)
 
 
+@accepts_problem
 def modified_loss_mc(model: Model, loss: str, params, x, y, masks, *, mode: str) -> jax.Array:
     """Monte Carlo L_S: mean of R^drop_S over masks with a leading axis K. Cost: K forward passes."""
     per_mask = jax.vmap(lambda m: dropout_risk(model, loss, params, x, y, m, mode=mode))(masks)
     return jnp.mean(per_mask)
 
 
+@accepts_problem
 def modified_loss_exact(model: Model, loss: str, params, x, y) -> jax.Array:
     """Exact L_S = sum_eta P(eta) R^drop_S(theta; eta) over all 2**m shared masks (tiny nets)."""
-    from sme.dropout import enumerate_masks
-
     masks, probs = enumerate_masks(model.sites, dtype=np.dtype(x.dtype))
     per_mask = jax.vmap(lambda m: dropout_risk(model, loss, params, x, y, m, mode="shared"))(masks)
     return jnp.dot(jnp.asarray(probs, x.dtype), per_mask)
 
 
+@accepts_problem
 def r2_penalty(model: Model, loss: str, params, x, y, masks, *, mode: str, lr: float) -> jax.Array:
     """(eps/4) ||grad_theta R^drop_S(theta; eta)||² for the given masks. Cost: one gradient."""
     grads = jax.grad(dropout_risk, argnums=2)(model, loss, params, x, y, masks, mode=mode)
-    return lr / 4.0 * sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads))
+    return lr / 4.0 * tree_sq_norm(grads)
+
+
+def penalty_coefficient(cfg) -> float:
+    """The coefficient in (coef/4)||grad R^drop_S||²: ``cfg.penalty_lr`` if set (>= 0), else ``cfg.optim.lr``."""
+    value = float(cfg.get("penalty_lr", -1.0))
+    return value if value >= 0 else float(cfg.optim.lr)
 
 
 def make_objective(name: str, model: Model, loss: str, *, mode: str, lr: float):
     """The training objective `name` as ``fn(params, x, y, masks) -> scalar``.
 
-    Names: r_s, dropout, l1, l2, l3, l4, l1_r2 (= R_S + R_1 + R_2 penalty); see the
-    module docstring. ``lr`` is the eps of the R_2 penalty.
+    Names: r_s, dropout, l1, l2, l3, l4, l1_r2 (= R_S + R_1 + R_2 penalty), drop_r2; see the
+    module docstring. ``lr`` is the eps (or lambda) of the R_2 penalty.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; expected one of {tuple(OBJECTIVES)}")
@@ -151,6 +155,8 @@ def make_objective(name: str, model: Model, loss: str, *, mode: str, lr: float):
             return risk(model, loss, params, x, y) + r1(model, params, x)
         if name == "l2":
             return risk(model, loss, params, x, y) + penalty(params, x, y, masks)
+        if name == "drop_r2":
+            return drop(params, x, y, masks) + penalty(params, x, y, masks)
         if name == "l3":
             return drop(params, x, y, masks) - penalty(params, x, y, masks)
         if name == "l4":
