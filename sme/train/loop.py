@@ -142,7 +142,8 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
     x_tr, y_tr = jnp.asarray(ds.x_train, dtype), jnp.asarray(ds.y_train, dtype)
     x_te, y_te = jnp.asarray(ds.x_test, dtype), jnp.asarray(ds.y_test, dtype)
 
-    objective = losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode, lr=cfg.optim.lr)
+    objective = losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode,
+                                      lr=losses.penalty_coefficient(cfg))
     replica_step = make_replica_step(model, objective, setup.optimizer, seed=cfg.seed,
                                      batch_size=setup.batch_size, mask_mode=cfg.mask_mode)
     advance = jax.jit(make_advance(make_train_step(replica_step), Sampler(cfg.seed, setup.batch_size)))
