@@ -52,8 +52,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sme import losses
-from sme.dropout import check_mode, enumerate_masks, ones_masks
+from sme.dropout import check_mode, enumerate_masks, mask_axis, num_droppable_units, ones_masks
 from sme.models import Model
+from sme.problem import MAX_EXACT_UNITS, Problem, accepts_problem, draw_masks, resolve_method
 
 LOSS_KINDS = {
     "modified": "L_S = R_S + R_1 (closed form)",
@@ -69,6 +70,16 @@ MAX_DENSE_PARAMS = 5000  # dense P x P matrices beyond this are a mistake
 def hvp(fn, params, v):
     """Hessian of scalar ``fn(params)`` times the pytree ``v`` (same structure). Cost: ~1 HVP."""
     return jax.jvp(jax.grad(fn), (params,), (v,))[1]
+
+
+def make_flat_hvp(fn: Callable, params):
+    """H v on flat vectors for the scalar ``fn(params)``: ``(hvp_flat, dim)``. Cost per call: 1 HVP."""
+    flat, unravel = ravel_pytree(params)
+
+    def hvp_flat(v):
+        return ravel_pytree(hvp(fn, params, unravel(v.astype(flat.dtype))))[0]
+
+    return hvp_flat, flat.shape[0]
 
 
 class HessianLoss(NamedTuple):
@@ -89,19 +100,42 @@ class HessianLoss(NamedTuple):
     mask_axis: int | None
 
 
-def make_hessian_loss(kind: str, model: Model, loss: str, *, masks=None, weights=None,
-                      mode: str = "shared") -> HessianLoss:
+def resolve_loss_kind(kind: str, model: Model | Problem, loss: str | None = None, *,
+                      max_units: int = MAX_EXACT_UNITS) -> str:
+    """The concrete loss kind (a key of `LOSS_KINDS`) for ``auto``; other kinds pass through.
+
+    ``auto``: ``risk`` (R_S) without dropout, else L_S by `sme.problem.resolve_method`: ``modified``
+    (closed form), ``modified_exact`` (up to ``max_units`` droppable units) or ``modified_mc``.
+    """
+    if kind != "auto":
+        return kind
+    if isinstance(model, Problem):
+        model, loss = model.model, model.loss
+    if num_droppable_units(model.sites) == 0:
+        return "risk"
+    method = resolve_method(model, loss, max_units=max_units)
+    return {"closed_form": "modified", "exact": "modified_exact", "masks": "modified_mc"}[method]
+
+
+def make_hessian_loss(kind: str, model: Model | Problem, loss: str | None = None, *, masks=None, weights=None,
+                      mode: str | None = None) -> HessianLoss:
     """The loss of `kind` (see `LOSS_KINDS`) as a `HessianLoss`.
 
     Args:
       kind: one of `LOSS_KINDS`.
-      model, loss: the network and per-example loss name.
+      model, loss: the network and per-example loss name, or a `Problem` in place of both (its
+        mode is then the default ``mode``; its data are passed to `make_hvp` separately).
       masks: ``fixed_mask``: one mask set (shared) or per-example masks (leading
         n); ``modified_mc``: K mask sets, leading (K,) (shared) or (K, n)
         (per_sample). Ignored otherwise.
       weights: ``modified_mc`` only: (K,) weights summing to 1 (default 1/K).
-      mode: mask mode of ``masks``: 'shared' or 'per_sample'.
+      mode: mask mode of ``masks``: 'shared' (default) or 'per_sample'.
     """
+    if isinstance(model, Problem):
+        model, loss, mode = model.model, model.loss, model.mode if mode is None else mode
+    mode = "shared" if mode is None else mode
+    if loss is None:
+        raise ValueError("make_hessian_loss needs the loss name (or a Problem)")
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {tuple(LOSS_KINDS)}")
     loss_of = losses.loss_fn(loss)
@@ -113,7 +147,7 @@ def make_hessian_loss(kind: str, model: Model, loss: str, *, masks=None, weights
         return make(lambda p, x, y, m: loss_of(deterministic(p, x, m), y), deterministic, None, None)
     if kind == "fixed_mask":
         _need(masks, kind)
-        axis = 0 if mode == "per_sample" else None
+        axis = mask_axis(mode)
         return make(lambda p, x, y, m: loss_of(apply(p, x, m), y), apply, masks, axis)
     if kind == "modified":
         losses.check_closed_form(model, loss)
@@ -134,7 +168,7 @@ def make_hessian_loss(kind: str, model: Model, loss: str, *, masks=None, weights
         weights = np.full((num,), 1.0 / num) if weights is None else np.asarray(weights)
         if weights.shape != (num,):
             raise ValueError(f"modified_mc: weights of shape {weights.shape} for {num} masks")
-        axis = 0 if mode == "per_sample" else None
+        axis = mask_axis(mode)
         if axis == 0:  # (K, n, ...) -> (n, K, ...): the example axis leads
             masks = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), masks)
 
@@ -226,7 +260,7 @@ def linearization_bytes(fn, params) -> int:
     return sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(lin))
 
 
-def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize: bool | None = False):
+def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize: bool | None = None):
     """Flat Hessian-vector product of the loss over all n examples.
 
     Two evaluations of the same operator:
@@ -241,15 +275,16 @@ def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize
     Size rule (``linearize=None``): linearise when the examples are not chunked and the
     residuals (`linearization_bytes`) fit in `LINEARIZE_MAX_BYTES`; otherwise
     forward-over-reverse. ``True``/``False`` force either (``True`` needs no chunking).
-    The default is forward-over-reverse: the two agree to rounding, but not bit for bit, and
-    vmapped and one-at-a-time linearised products round differently, which statistics that
-    are discontinuous in the eigenvectors (bootstrap bounds over a few eigenpairs) can amplify.
+    The default is the size rule. The two evaluations agree to rounding, not bit for bit, and
+    vmapped and one-at-a-time linearised products round differently: results are compared
+    across them with rounding tolerances (statistics that are discontinuous in their inputs,
+    such as a bootstrap bound over a few eigenpairs, with a tolerance on their own scale).
 
     Args:
       hloss: from `make_hessian_loss`.
       params: linearisation point (pytree).
       x, y: (n, ...) examples; chunk_size: examples per chunk (0: all at once).
-      linearize: False (default), None (the size rule) or True.
+      linearize: None (default: the size rule), False or True.
 
     Returns:
       ``(matvec, dim)``: ``matvec(v (P,)) -> H v (P,)``. Cost per call: linearised, about one
@@ -280,6 +315,28 @@ def make_hvp(hloss: HessianLoss, params, x, y, *, chunk_size: int = 0, linearize
         return _chunk_sum(chunks, hloss.mask_axis, one, jnp.zeros_like(flat))
 
     return matvec, flat.shape[0]
+
+
+def problem_hvp(problem: Problem, params, *, kind: str = "auto", masks=None, key=None, num_masks: int = 64,
+                max_units: int = MAX_EXACT_UNITS, **hvp_kwargs):
+    """Flat Hessian-vector product of the problem's loss `kind` over all its examples.
+
+    ``kind='auto'`` is `resolve_loss_kind` (R_S without dropout, else L_S in closed form, exactly or
+    over ``num_masks`` frozen masks drawn from ``key``); ``fixed_mask`` and ``modified_mc`` take
+    ``masks`` (or draw them from ``key``). ``hvp_kwargs`` (``chunk_size``, ``linearize``) go to
+    `make_hvp`.
+
+    Returns:
+      ``(matvec, dim)`` as `make_hvp`. Cost: as `make_hvp` for the resolved kind.
+    """
+    kind = resolve_loss_kind(kind, problem, max_units=max_units)
+    if kind in ("fixed_mask", "modified_mc") and masks is None:
+        if key is None:
+            raise ValueError(f"problem_hvp: loss kind {kind!r} needs masks or a key to draw them")
+        many = draw_masks(problem, key=key, num_masks=num_masks if kind == "modified_mc" else 1)
+        masks = many if kind == "modified_mc" else jax.tree_util.tree_map(lambda a: a[0], many)
+    hloss = make_hessian_loss(kind, problem, masks=masks)
+    return make_hvp(hloss, params, problem.x, problem.y, **hvp_kwargs)
 
 
 def _network(hloss: HessianLoss):
@@ -386,6 +443,7 @@ def fisher_trace(kind: str, hloss: HessianLoss, params, x, y, *, chunk_size: int
     return _chunk_sum(chunks, hloss.mask_axis, one, jnp.zeros((), flat_dtype))
 
 
+@accepts_problem
 def dropout_penalty_quadratic(model: Model, loss: str, params, x, y) -> jax.Array:
     """Second-order dropout penalty of last-layer dropout, weighted by the output Fisher.
 

@@ -22,6 +22,8 @@ class SlopeFit(NamedTuple):
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    if np.all(x == x[0]):  # one distinct x (e.g. a resample of one point): no slope; x - mean(x) is
+        return float("nan"), float("nan")  # rounding noise there, so 0/0 would decide by the last bit
     xc = x - x.mean()
     denom = float(xc @ xc)
     if denom == 0.0:

@@ -6,6 +6,11 @@ that in the later coefficients and the interior Ritz values, so entries are comp
 rtol = 1e-4 and an absolute floor of 1e-4 x the largest entry of the same array. Residuals
 ||A v - lambda v|| are themselves rounding noise (~ eps ||A||), so they are compared on the
 scale of the spectrum (1e-4 x the largest eigenvalue) instead of their own.
+
+The HVPs are linearised by default (`sme.hessian.make_hvp`, size rule), and linearised products
+round differently under vmap. Derived statistics are continuous in the eigenpairs, so the same
+tolerance holds for them; that includes the bootstrap slope bounds over 3 eigenpairs, since a
+resample of one point is left out exactly (`sme.stats`), not fitted as 0/0 rounding noise.
 """
 
 import json
