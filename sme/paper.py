@@ -23,7 +23,12 @@ from sme.paper_report import write_report
 from sme.paper_plan import EXPERIMENTS, TIMINGS, PaperError, experiment_module, select  # noqa: F401 (re-exported)
 
 
-def _finished(workdir: str, num_steps: int) -> bool:
+def _finished(workdir: str, num_steps: int, cfg=None) -> bool:
+    if cfg is not None and "sde" in cfg and cfg.sde.enabled:  # an SME sweep: every cell on disk
+        from sme import config as config_lib, sweep
+
+        lrs, keep_probs, _ = config_lib.sde_grids(cfg)
+        return all(os.path.exists(sweep.cell_path(workdir, p, lr)) for p in keep_probs for lr in lrs)
     records = io.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.isdir(workdir) else []
     return bool(records) and records[-1].get("step") == num_steps
 
@@ -40,7 +45,7 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
     for work actually done in this call, so a resumed call keeps the first call's times.
     """
     from sme.analyses.runner import Request, analyse_run
-    from sme.train import loop
+    from sme import driver
 
     names = select(only)
     modules = {name: experiment_module(name) for name in names}
@@ -64,10 +69,10 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
         for i, entry in enumerate(plan, 1):
             workdir = os.path.join(out_dir, "runs", entry["name"])
             cfg = entry["config"]
-            done = _finished(workdir, cfg.train.num_steps)
+            done = _finished(workdir, cfg.train.num_steps, cfg)
             log(f"  {name} run {i} of {len(plan)}: {entry['name']}{' (trained already)' if done else ''}")
             t0 = time.time()
-            loop.run(cfg, workdir)
+            driver.run(cfg, workdir)  # trains, or runs the SME sweep when cfg.sde.enabled
             t_train = time.time() - t0
             groups: dict[str, list[str]] = {}
             for analysis in entry.get("analyses", ()):
