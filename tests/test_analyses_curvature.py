@@ -204,3 +204,37 @@ def test_hessian_modified_measures_a_net_without_dropout_on_its_dropout_twins_lo
             REGISTRY["hessian_modified"].fn(_context(keep_prob=1.0, settings=dict(order=8)), key=jax.random.key(0))
         with pytest.raises(ValueError, match="keep_prob"):
             REGISTRY["hessian"].fn(_context(settings=dict(keep_prob=1.5)), key=jax.random.key(0))
+
+
+def test_curvature_uses_the_runs_per_site_keep_probs_and_refuses_an_ambiguous_override():
+    from configs import base
+    from sme import config as config_lib
+
+    cfg = base.get_config()
+    cfg.model.name, cfg.model.hidden, cfg.model.activation = "mlp", (4, 3), "tanh"
+    cfg.model.keep_prob, cfg.model.dropout_layers = 0.9, "0:0.8,1:0.5"
+    ctx = _context(loss="cross_entropy", dtype=jnp.float64)
+    model = config_lib.build_model(cfg, ctx.dataset)
+    assert [s.keep_prob for s in model.sites] == [0.8, 0.5]
+    with jax.enable_x64(True):
+        params = model.init(jax.random.key(3), jnp.float64)
+        # 7 droppable units: L_S enumerated over 128 masks; P = 39 <= order, so Ritz values are exact
+        settings = dict(loss_kind="modified_exact", order=39, top_k=3, bottom_k=0, num_probes=2, hutchpp_sketch=0)
+        ctx = _context(loss="cross_entropy", dtype=jnp.float64, model=model, params=params, settings=settings)
+        out = REGISTRY["hessian"].fn(ctx, key=jax.random.key(0))
+        x, y = jnp.asarray(ctx.dataset.x_train, jnp.float64), jnp.asarray(ctx.dataset.y_train, jnp.float64)
+        dense = _dense(lambda p: losses.modified_loss_exact(model, "cross_entropy", p, x, y), params)
+        np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
+        np.testing.assert_array_equal(out["loss_site_keep_probs"], [0.8, 0.5])
+        assert np.isnan(float(out["loss_keep_prob"]))  # no single keep probability
+        # the uniform model.keep_prob would be another loss
+        uniform = make_model("mlp", in_dim=3, hidden=(4, 3), out_dim=2, activation="tanh", keep_prob=0.9)
+        other = _dense(lambda p: losses.modified_loss_exact(uniform, "cross_entropy", p, x, y), params)
+        assert abs(np.linalg.eigvalsh(other)[-1] - float(out["top_values"][0])) > 1e-3
+        # one q for layers of different keep probabilities: refused, naming them
+        for name in ("hessian", "hessian_modified", "hessian_density"):
+            bad = _context(loss="cross_entropy", dtype=jnp.float64, model=model, params=params,
+                           settings=dict(keep_prob=0.8, order=8, top_k=1) if name != "hessian_density"
+                           else dict(keep_prob=0.8, order=8))
+            with pytest.raises(ValueError, match=r"keep_prob=0.8 is ambiguous.*0:0.8, 1:0.5"):
+                REGISTRY[name].fn(bad, key=jax.random.key(0))

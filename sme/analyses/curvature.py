@@ -24,12 +24,14 @@ units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
   ``lanczos_betas`` (order - 1,), ``trace_hutchinson``, ``trace_hutchinson_se``,
   ``trace_hutchpp``, ``trace_hutchpp_se`` (NaN when hutchpp_sketch = 0),
   ``top_vectors`` (top_k, P) when ``save_vectors``, ``loss_keep_prob`` (the
-  loss's keep probability), ``settings``.
+  keep probability of the loss's dropout sites; NaN when they differ),
+  ``loss_site_keep_probs`` (one per site), ``settings``.
 
 * ``hessian_modified`` — the same as ``hessian`` (same keys) for the dropout-modified
-  loss L_S only, with ``keep_prob`` q (0: the run's own) on the run's dropout
-  layers: a run trained without dropout is measured on the L_S of its dropout
-  twin, like for like. Separate artifacts, so a run holds both R_S (``hessian``
+  loss L_S only, with ``keep_prob`` q (0: the run's own, per-site keep
+  probabilities included) on the run's dropout layers: a run trained without
+  dropout is measured on the L_S of its dropout twin, like for like. A q for a
+  run whose dropout layers have different keep probabilities is refused. Separate artifacts, so a run holds both R_S (``hessian``
   with ``loss_kind=risk``) and L_S results.
 
 * ``hessian_density`` — stochastic Lanczos quadrature: ``num_probes`` Rademacher
@@ -83,7 +85,7 @@ from sme.dropout import sample_masks
 
 _LOSS_DEFAULTS = dict(
     loss_kind="auto",  # auto | modified | modified_exact | modified_mc | risk | fixed_mask
-    keep_prob=0.0,  # dropout of the loss: 0 = the run's own; q in (0, 1]: q on the run's dropout layers
+    keep_prob=0.0,  # dropout of the loss: 0 = the run's own (per site); q in (0, 1]: q on its dropout layers
     num_masks=8,  # K frozen masks of modified_mc
     max_enumerated_units=8,  # auto: exact L_S by enumerating 2**m masks up to m units
     num_examples=0,  # S = first n training examples; 0 = all
@@ -132,22 +134,47 @@ def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
     return s
 
 
+def _dropout_layers(model) -> tuple[int, ...]:
+    """Indices of the run's dropout layers: the sites its config selects (``model.dropout_layers``)."""
+    if hasattr(model.spec, "module"):  # a Flax model (sme.flax_models)
+        return tuple(model.spec.selected)
+    selection = model.spec.dropout_layers
+    return tuple(range(len(model.sites))) if selection is None else tuple(selection)
+
+
 def loss_model(model, keep_prob: float):
     """The run's model with keep probability ``keep_prob`` on its dropout layers (0: unchanged).
 
-    The parameters are the same pytree, so a net trained without dropout can be measured on the
-    dropout-modified loss L_S of its dropout twin (like for like).
+    0 keeps the run's sites as trained, per-site keep probabilities included
+    (``model.dropout_layers="0:0.8,1:0.5"``). The parameters are the same pytree, so a net trained
+    without dropout can be measured on the dropout-modified loss L_S of its dropout twin (like for
+    like). An override of a run whose dropout layers have different keep probabilities is refused:
+    one q for all of them would silently replace the run's per-site values.
     """
-    if keep_prob == 0.0 or keep_prob == model.spec.keep_prob:
+    if keep_prob == 0.0:
         return model
     if not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"keep_prob={keep_prob} must be in (0, 1] (0 = the run's own)")
+    layers = _dropout_layers(model)
+    own = sorted({model.sites[i].keep_prob for i in layers})
+    if len(own) > 1:
+        per_site = ", ".join(f"{i}:{model.sites[i].keep_prob:g}" for i in layers)
+        raise ValueError(f"keep_prob={keep_prob:g} is ambiguous: the run's dropout layers have per-site keep "
+                         f"probabilities {per_site}; leave keep_prob at 0 to use them")
+    if own == [keep_prob] and model.spec.keep_prob == keep_prob:
+        return model
     if hasattr(model.spec, "module"):  # a Flax model (sme.flax_models)
         from sme.flax_models import with_keep_prob
 
         return with_keep_prob(model, keep_prob)
     spec = dataclasses.replace(model.spec, keep_prob=float(keep_prob))
     return models.make_cnn(spec) if isinstance(spec, models.CNNSpec) else models.make_mlp(spec)
+
+
+def loss_keep_prob(model) -> float:
+    """The keep probability of the loss's dropout sites (1 without any), NaN when they differ."""
+    own = {site.keep_prob for site in model.sites if site.droppable}
+    return own.pop() if len(own) == 1 else (1.0 if not own else math.nan)
 
 
 def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype, model=None):
@@ -228,7 +255,9 @@ def _hessian_plan(ctx: Context, key, *, name="hessian", defaults=HESSIAN_DEFAULT
         out.setdefault("trace_hutchpp", np.nan)
         out.setdefault("trace_hutchpp_se", np.nan)
         out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
-                   order=order, loss_keep_prob=model.spec.keep_prob, settings=json.dumps(s, sort_keys=True))
+                   order=order, loss_keep_prob=loss_keep_prob(model),
+                   loss_site_keep_probs=np.array([site.keep_prob for site in model.sites], np.float64),
+                   settings=json.dumps(s, sort_keys=True))
         return {k: np.asarray(v) for k, v in out.items()}
 
     core = _hessian_fn(BySpec(model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
