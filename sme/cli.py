@@ -1,4 +1,6 @@
-"""One-line errors for the command-line entry points (`train.py`, `analyze.py`).
+"""Shared parts of the command-line entry points (`train.py`, `analyze.py`): one-line errors, the
+multi-process flags (``--coordinator_address``, ``--num_processes``, ``--process_id``, ``--distributed``;
+`initialize_distributed`) and ``--config`` paths that work from any directory (`config_path`).
 
 A user's mistake (a misspelled ``--config.*`` field, a missing config file, a bad
 flag value, an unusable workdir, a full disk) is printed as one line naming the
@@ -9,10 +11,24 @@ traceback instead, for debugging.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import sys
 
 from absl import flags
+
+from sme import distributed
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0..N-1 "
+                                   "(process 0 writes the files).", lower_bound=0)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-process runs: call jax.distributed.initialize() with the settings it auto-detects "
+    "(TPU pod slice, SLURM, Open MPI); implied by --coordinator_address/--num_processes/--process_id.")
 
 
 def verbosity(argv) -> int:
@@ -64,15 +80,62 @@ def describe_flag_error(err: BaseException, argv) -> str:
     return f"bad flags: {type(err).__name__}: {first}"
 
 
+def config_path(arg: str) -> str:
+    """``arg`` (``PATH[:variant]``) as given when PATH exists; else, for ``configs/NAME.py``, the same file of
+    the installed ``configs`` package (so ``--config=configs/default.py`` works from any directory)."""
+    path, sep, variant = arg.partition(":")
+    if os.path.exists(path) or os.path.isabs(path):
+        return arg
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) < 2 or parts[0] != "configs":
+        return arg
+    try:
+        spec = importlib.util.find_spec("configs")
+    except (ImportError, ValueError):
+        return arg
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        installed = os.path.join(location, *parts[1:])
+        if os.path.exists(installed):
+            return installed + sep + variant
+    return arg
+
+
+def _resolve_config_args(argv):
+    """``argv`` with the ``--config`` value resolved by `config_path` (also in ``sys.argv``, which the config
+    flag reads for its overrides)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + config_path(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+    if argv is sys.argv or list(argv) == sys.argv:
+        sys.argv[:] = out
+    return out
+
+
 def flags_parser(argv):
     """An absl ``flags_parser`` that exits with one line (rc 2) on any parsing error."""
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(_resolve_config_args(argv))
     except Exception as err:  # noqa: BLE001 - config files and flag parsers raise many types
         if verbosity(argv) >= 1:
             raise
         print(f"error: {describe_flag_error(err, argv)}", file=sys.stderr)
         sys.exit(2)
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-process run when the flags or the environment ask for it (`sme.distributed`), exiting with
+    one line on inconsistent settings; True when the run is multi-process. Call before any JAX computation."""
+    settings = distributed.requested(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    if settings is None:
+        return False
+    try:
+        distributed.initialize(**settings)
+    except (distributed.DistributedError, ValueError, RuntimeError) as err:
+        fail(err, 2)
+    return True
 
 
 def fail(err: BaseException, code: int = 2):

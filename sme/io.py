@@ -22,6 +22,9 @@ of its arrays in ``__sha256__`` and `load_arrays` checks it (and strips it), and
 `CorruptArtifact` naming the file. JSON is strict: a non-finite float is written
 as ``null`` with its reason ("nan", "inf", "-inf") in a sibling field
 ``<key>__nonfinite``, and read back as the float.
+
+In a multi-process run (`sme.distributed`) only process 0 writes: every write and
+removal here (`_atomic_write`, `append_jsonl`, `remove`) does nothing in the others.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from sme import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step_(\d+)\.npz$")
@@ -62,7 +67,18 @@ def _umask() -> int:
     return mask
 
 
+def remove(path: str) -> None:
+    """Delete a file if it exists (in process 0 only, like every write)."""
+    if distributed.is_writer():
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
 def _atomic_write(path: str, write_fn) -> None:
+    if not distributed.is_writer():
+        return  # a multi-process run: process 0 writes
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
@@ -178,6 +194,8 @@ def read_json(path: str) -> Any:
 
 def append_jsonl(path: str, record: dict) -> None:
     """Append one strict-JSON line. A line cut by a crash or a full disk is dropped by `read_jsonl`."""
+    if not distributed.is_writer():
+        return
     try:
         with open(path, "a") as f:
             f.write(dumps(record) + "\n")
@@ -309,7 +327,8 @@ def save_checkpoint(workdir: str, step: int, state) -> str:
     payload["__sha256__"] = np.array(_digest(names, arrays))
     path = checkpoint_path(workdir, step)
     _atomic_write(path, lambda f: np.savez(f, **payload))
-    read_checkpoint(path)
+    if distributed.is_writer():
+        read_checkpoint(path)
     return path
 
 

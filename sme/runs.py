@@ -14,7 +14,13 @@ A workdir is a small database with one writer at a time:
   is a file or not writable, and removal of the ``.tmp_*`` files a killed
   writer leaves behind (only under the lock, so never another writer's).
 * `shard_leading`: the one sharding rule, a leading replica/batch axis split
-  over all devices.
+  over all devices of all processes (one global mesh); `to_host` brings such
+  arrays back to every process.
+
+Multi-process runs (`sme.distributed`): process 0 takes the lock and writes
+(`sme.io` writes nothing in the others); the other processes take no lock,
+remove nothing and only read the workdir, which must be on a filesystem they
+all see when a run is resumed.
 * `settings_digest`: SHA-256 of a settings object in canonical JSON, the key of
   analysis results.
 """
@@ -34,7 +40,8 @@ import jax
 import numpy as np
 
 from sme import config as config_lib
-from sme import io
+from sme import distributed, io
+from sme.distributed import to_host  # noqa: F401  (the gather that pairs with shard_leading)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -125,7 +132,10 @@ def check_workdir(workdir: str) -> None:
 
 
 def clean_temporaries(directory: str) -> list[str]:
-    """Remove ``.tmp_*`` files (left by a killed atomic write) under ``directory``; returns them."""
+    """Remove ``.tmp_*`` files (left by a killed atomic write) under ``directory``; returns them.
+    Process 0 of a multi-process run only (the others' view may hold its writes in flight)."""
+    if not distributed.is_writer():
+        return []
     found = glob.glob(os.path.join(glob.escape(directory), "**", ".tmp_*"), recursive=True)
     for path in found:
         try:
@@ -144,7 +154,8 @@ class WorkdirLock:
     ``with WorkdirLock(workdir, "training"):`` creates the workdir if needed, takes
     ``flock(LOCK_EX | LOCK_NB)`` on ``<workdir>/.lock`` and writes "<pid> <purpose>"
     into it. Raises RunError naming the holder's PID when another process holds it.
-    Nested use on the same workdir in one process only counts depth.
+    Nested use on the same workdir in one process only counts depth. In a multi-process
+    run only process 0 takes it (the others write nothing); in them it does nothing.
     """
 
     def __init__(self, workdir: str, purpose: str):
@@ -152,6 +163,9 @@ class WorkdirLock:
 
     def __enter__(self):
         check_workdir(self.workdir)
+        self.held = distributed.is_writer()
+        if not self.held:
+            return self
         os.makedirs(self.workdir, exist_ok=True)
         key = os.path.realpath(self.workdir)
         if key in _HELD:
@@ -179,6 +193,8 @@ class WorkdirLock:
         return self
 
     def __exit__(self, *exc):
+        if not self.held:
+            return False
         key = os.path.realpath(self.workdir)
         held = _HELD[key]
         held[1] -= 1
@@ -191,8 +207,12 @@ class WorkdirLock:
 def shard_leading(tree, axis: str = "replica"):
     """Split the leading axis of every array leaf with ndim >= 1 over all devices; 0-d leaves are replicated.
 
+    The devices are those of every process (`jax.devices()`, one global mesh); in a multi-process
+    run each process holds the rows of its own devices, built from ``tree``, which must be the same
+    in every process (it is: same config, same seed), and results come back with `to_host`.
     Unchanged on one device, or when a leading axis is not a multiple of the device count (callers
-    pad when they need the split). The numbers do not depend on it beyond float re-association.
+    pad when they need the split; every process then computes the whole, the same, locally).
+    The numbers do not depend on it beyond float re-association.
     """
     devices = jax.devices()
     leaves = jax.tree_util.tree_leaves(tree)
@@ -201,10 +221,33 @@ def shard_leading(tree, axis: str = "replica"):
     mesh = jax.sharding.Mesh(np.array(devices), (axis,))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, split if np.ndim(leaf) else whole), tree)
+    if not distributed.multi_process():
+        return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, split if np.ndim(leaf) else whole), tree)
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys
+            return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, split if host.ndim else whole, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, tree)
 
 
 def settings_digest(settings) -> str:
     """SHA-256 (hex) of ``settings`` as canonical JSON (sorted keys, tuples as lists)."""
     text = json.dumps(_norm(settings), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def agree_on_resume(workdir: str, step) -> None:
+    """Check that every process of a multi-process run resumes ``workdir`` from the same ``step`` (an int, -1:
+    from scratch, or a list of ints such as the finished cells of a sweep); a barrier as well, so process 0
+    writes nothing before every process has read the workdir.
+
+    Raises:
+      RunError: the processes see different checkpoints (the workdir is not on a filesystem they share).
+    """
+    try:
+        distributed.agree(step, f"the step to resume {workdir} from (-1: none)")
+    except distributed.DistributedError as err:
+        raise RunError(str(err)) from None

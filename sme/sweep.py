@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 
 from sme import config as config_lib
-from sme import io, lockstep, rng, runs
+from sme import distributed, io, lockstep, rng, runs
 from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, check_diffusion, draw_masks
 from sme.losses import check_closed_form
 from sme.train.state import init_state
@@ -182,7 +182,7 @@ def run_cell(cfg, ctx: _PerKeepProb, keep_prob: float, lr: float, horizon: float
         if target > done:
             state = ctx.advance(state, jnp.asarray(target - done, jnp.int32), lr_arr, ctx.problem)
             done = target
-        values = {k: np.asarray(v) for k, v in jax.device_get(ctx.evaluate(state, ctx.problem, ctx.data)).items()}
+        values = {k: np.asarray(v) for k, v in runs.to_host(ctx.evaluate(state, ctx.problem, ctx.data)).items()}
         results.append(values)
         records.append(_record(name, keep_prob, lr, target, values, ctx.g_names, s.num_replicas))
         bad = sorted({k.split("/", 1)[1] for k, v in values.items() if not np.all(np.isfinite(v))})
@@ -227,11 +227,12 @@ def _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart) -> dic
             raise runs.RunError(f"{workdir} holds results but no {runs.CONFIG_FILE}, so it cannot be checked to be "
                                 "this run; nothing was changed. Use another --workdir, or --restart to discard them")
         for path in held:  # --restart: start over
-            os.remove(path)
+            io.remove(path)
         runs.write_run_config(
             workdir, cfg, num_train=setup.dataset.num_train, num_test=len(setup.dataset.x_test),
             num_params=int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(per_p[keep_probs[0]].params0))))
-    os.makedirs(os.path.join(workdir, SME_DIR), exist_ok=True)
+    if distributed.is_writer():
+        os.makedirs(os.path.join(workdir, SME_DIR), exist_ok=True)
     if not io.list_checkpoints(workdir):
         dtype = jnp.dtype(cfg.train.dtype)
         state = init_state(setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
@@ -240,6 +241,7 @@ def _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart) -> dic
     cells = [(p, lr) for p in keep_probs for lr in lrs]
     configs = {c: cell_config(cfg, c[0], c[1], horizon, per_p[c[0]].spec) for c in cells}
     done = {c for c in cells if load_cell(cell_path(workdir, *c), configs[c]) is not None}
+    runs.agree_on_resume(workdir, [int(c in done) for c in cells])  # every process redoes the same cells
     metrics_path = os.path.join(workdir, runs.METRICS_FILE)
     records = io.read_jsonl(metrics_path)
     kept = [r for r in records if (r.get("keep_prob"), r.get("lr")) in done]

@@ -134,7 +134,7 @@ def map_stacked(core, items: list[tuple], in_axes: tuple) -> list:
     args = [items[0][i] if axis is None else
             shard_batch(jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[item[i] for item in padded]))
             for i, axis in enumerate(in_axes)]
-    out = jax.device_get(_vmapped(core, tuple(in_axes))(*args))
+    out = runs.to_host(_vmapped(core, tuple(in_axes))(*args))  # gathered from every process
     return [jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[j]), out) for j in range(len(items))]
 
 

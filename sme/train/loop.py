@@ -91,8 +91,7 @@ def run(cfg, workdir: str, *, restart: bool = False) -> dict:
 
 def _discard(workdir: str, paths: list[str]) -> None:
     for path in paths:
-        if os.path.exists(path):
-            os.remove(path)
+        io.remove(path)
     logging.warning("--restart: discarded %d files of the previous run in %s", len(paths), workdir)
 
 
@@ -155,6 +154,8 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
     kept = set(setup.checkpoint_steps)
     snaps = SnapshotBuffer(workdir, snapshot_steps(t.snapshot_start, t.snapshot_every, t.num_steps))
     resumed = _resume_point(workdir, jax.device_get(state), snaps, has_config, restart)
+    # Every process must resume from the same step (and none writes before all have read the workdir).
+    runs.agree_on_resume(workdir, -1 if resumed is None else resumed[0])
     if resumed is not None:
         step, state = resumed
         state = jax.tree_util.tree_map(jnp.asarray, state)
@@ -164,8 +165,7 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
         runs.write_run_config(
             workdir, cfg, num_params=int(sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(state.params))),
             num_train=ds.num_train, num_test=len(ds.x_test))
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
+        io.remove(metrics_path)
     state = runs.shard_leading(state)
     board = tensorboard.open_writer(workdir, enabled="log" in cfg and bool(cfg.log.tensorboard),
                                     resume_step=None if resumed is None else resumed[0])  # off: does nothing
@@ -180,9 +180,9 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
 
     def log_point(step):
         nonlocal record, state
-        values = jax.device_get(evaluate(state.params, x_tr, y_tr, x_te, y_te))
+        values = runs.to_host(evaluate(state.params, x_tr, y_tr, x_te, y_te))
         if step > last_record[0]:
-            values["train/objective"] = np.asarray(state.loss_sum, np.float64) / (step - last_record[0])
+            values["train/objective"] = np.asarray(runs.to_host(state.loss_sum), np.float64) / (step - last_record[0])
         state = state._replace(loss_sum=jnp.zeros_like(state.loss_sum))
         record = _summarise(values, step)
         last_record[0] = step
@@ -196,10 +196,10 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
 
     def save(step):
         snaps.save()  # first: a checkpoint never exists without the snapshots before it
-        io.save_checkpoint(workdir, step, jax.device_get(state))  # read back and verified
+        io.save_checkpoint(workdir, step, runs.to_host(state))  # read back and verified
         for old_step, path in io.list_checkpoints(workdir):
             if old_step < step and old_step not in kept:
-                os.remove(path)  # rolling resume checkpoint superseded
+                io.remove(path)  # rolling resume checkpoint superseded
 
     last_record = [records[-1]["step"] if records else 0]
     if resumed is None:

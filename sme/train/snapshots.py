@@ -19,7 +19,7 @@ import jax
 import jax.flatten_util
 import numpy as np
 
-from sme import io
+from sme import distributed, io
 
 FILENAME = "snapshots.npz"
 
@@ -59,7 +59,7 @@ class SnapshotBuffer:
         if step in self.steps and step not in self.taken:
             flat = jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(params)
             self.taken.append(step)
-            self.rows.append(np.asarray(jax.device_get(flat), np.float32))
+            self.rows.append(np.asarray(distributed.to_host(flat), np.float32))
 
     def save(self) -> None:
         if self.rows:
