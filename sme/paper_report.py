@@ -177,10 +177,20 @@ def save(plt, fig, out_dir: str, name: str) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
-def write_report(out_dir: str, *, tiny: bool = False) -> dict:
-    """Write report.json and report.md for every experiment of `sme.paper_plan.EXPERIMENTS`."""
+MERGED_NOTE = ("from an earlier run of this report ({path}); its run directories are not on this machine, "
+               "so the section is carried over as it was")
+
+
+def write_report(out_dir: str, *, tiny: bool = False, keep: str | None = None) -> dict:
+    """Write report.json and report.md for every experiment of `sme.paper_plan.EXPERIMENTS`.
+
+    ``keep``: an earlier report.json (e.g. docs/report_paper.json); an experiment with no finished
+    run under ``out_dir`` takes its section from there (marked so in its notes), so runs made on
+    another machine are not lost when new experiments are added.
+    """
     timings_path = os.path.join(out_dir, TIMINGS)
     timings = io.read_json(timings_path) if os.path.exists(timings_path) else {}
+    previous = io.read_json(keep)["experiments"] if keep else {}
     report = {"experiments": {}, "tiny": tiny}
     for name in EXPERIMENTS:
         module = experiment_module(name)
@@ -197,6 +207,10 @@ def write_report(out_dir: str, *, tiny: bool = False) -> dict:
         if name in timings:
             section["timing"] = {k: v for k, v in timings[name].items() if k != "runs"}
             section["timing"]["kernel"] = getattr(module, "KERNEL", section["timing"].get("kernel"))
+        old = previous.get(name)
+        if section.get("status") in (None, "not run in this budget", "error") and old and \
+                old.get("status") not in (None, "not run in this budget", "error"):
+            section = dict(old, notes=list(old.get("notes", [])) + [MERGED_NOTE.format(path=keep)])
         report["experiments"][name] = section
     io.write_json(os.path.join(out_dir, "report.json"), report)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
@@ -229,3 +243,20 @@ def markdown(report: dict) -> str:
             lines += ["", f"![{name}]({fig})"]
         lines.append("")
     return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """``python -m sme.paper_report --report=DIR [--keep=docs/report_paper.json]``: rewrite the report of DIR."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--report", required=True, help="the --reproduce=paper report folder")
+    parser.add_argument("--keep", default=None, help="an earlier report.json whose sections fill experiments not run here")
+    args = parser.parse_args(argv)
+    if args.keep and not os.path.exists(args.keep):
+        raise SystemExit(f"--keep={args.keep}: no such file")
+    write_report(args.report, keep=args.keep)
+
+
+if __name__ == "__main__":
+    main()

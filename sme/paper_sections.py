@@ -289,3 +289,234 @@ def p_e3(out_dir: str, module, tiny: bool) -> dict:
             "psi": psi, "tables": [{"title": "psi sensitivity (mean [95% CI] over seeds)",
                                     "columns": ["PCs", "max_trend", "SGD c=e", "SGD c=2", "dropout c=e",
                                                 "dropout c=2"], "rows": table}]}
+
+
+def _alignment_series(out_dir: str, name: str) -> list[tuple[int, dict]]:
+    """(step, alignment arrays) of every analysed checkpoint of run ``name``, by step."""
+    import glob
+    import os
+
+    from sme import io
+    from sme.paper_report import run_dir
+
+    paths = glob.glob(os.path.join(run_dir(out_dir, name), "analysis", "alignment", "step_*.npz"))
+    return sorted((int(os.path.basename(p)[5:-4]), io.load_arrays(p)) for p in paths)
+
+
+def p_e2(out_dir: str, module, tiny: bool) -> dict:
+    plan = module.get_plan(tiny)
+    steps_total = plan[0]["config"].train.num_steps
+    checkpoints = [0, steps_total // 2, steps_total] if tiny else [int(s) for s in module.CHECKPOINTS.split(",")]
+    # series[variant][seed] = {step: arrays}; a run counts once its last checkpoint is analysed
+    series: dict[str, list[dict]] = {"dropout": [], "sgd": []}
+    for entry in plan:
+        variant = entry["name"].split("/")[1].split("_")[0]
+        by_step = dict(_alignment_series(out_dir, entry["name"]))
+        if steps_total in by_step and finished_metrics(out_dir, entry["name"], steps_total) is not None:
+            series[variant].append(by_step)
+    done = sum(len(v) for v in series.values())
+
+    def at(variant, step, key):
+        return [scalar(s[step], key) for s in series[variant] if step in s]
+
+    def minus(a, b):
+        return [x - y for x, y in zip(a, b) if x is not None and y is not None]
+
+    last = steps_total
+    d_drop = minus(at("dropout", last, "dropout_alpha_unbiased"), at("dropout", last, "dropout_null_haar_unbiased_mean"))
+    d_sgd = minus(at("sgd", last, "sgd_alpha_unbiased"), at("sgd", last, "sgd_null_haar_unbiased_mean"))
+    d_same = minus(at("dropout", last, "sgd_alpha_unbiased"), at("dropout", last, "sgd_null_haar_unbiased_mean"))
+    slope_drop, slope_sgd = at("dropout", last, "dropout_slope"), at("sgd", last, "sgd_slope")
+    ci = {k: t_interval(v) for k, v in dict(d_drop=d_drop, d_sgd=d_sgd, d_same=d_same, slope_drop=slope_drop,
+                                             slope_sgd=slope_sgd).items()}
+    alpha = {k: t_interval(at(v, last, key)) for k, (v, key) in dict(
+        drop=("dropout", "dropout_alpha_unbiased"), drop_null=("dropout", "dropout_null_haar_unbiased_mean"),
+        same=("dropout", "sgd_alpha_unbiased"), sgd=("sgd", "sgd_alpha_unbiased"),
+        sgd_null=("sgd", "sgd_null_haar_unbiased_mean")).items()}
+    paper = module.PAPER
+    rows = [
+        row(paper["alpha_drop"][0], paper["alpha_drop"][1],
+            f"{fmt_ci(ci['d_drop'], digits=3)}; alpha {fmt_ci(alpha['drop'], digits=3)}, null "
+            f"{fmt_ci(alpha['drop_null'], digits=4)}", verdict_sign(ci["d_drop"], +1)),
+        row(paper["alpha_sgd"][0], paper["alpha_sgd"][1],
+            f"{fmt_ci(ci['d_sgd'], digits=3)}; alpha {fmt_ci(alpha['sgd'], digits=3)}, null "
+            f"{fmt_ci(alpha['sgd_null'], digits=4)}", verdict_sign(ci["d_sgd"], +1)),
+        row("control: alpha(H, Sigma_SGD) - null at the dropout run's theta", "(control)",
+            f"{fmt_ci(ci['d_same'], digits=3)}; alpha {fmt_ci(alpha['same'], digits=3)}",
+            ("-", "SGD noise at the same theta, same H and K: is the alignment specific to dropout?")),
+        row(paper["slope_drop"][0], paper["slope_drop"][1], fmt_ci(ci["slope_drop"]), verdict_sign(ci["slope_drop"], +1)),
+        row(paper["slope_sgd"][0], paper["slope_sgd"][1], fmt_ci(ci["slope_sgd"]), verdict_sign(ci["slope_sgd"], +1)),
+    ]
+    table = []
+    for step in checkpoints:
+        table.append([step] + [fmt_ci(t_interval(at(v, step, key)), digits=3) for v, key in (
+            ("dropout", "dropout_alpha_unbiased"), ("dropout", "dropout_null_haar_unbiased_mean"),
+            ("dropout", "sgd_alpha_unbiased"), ("sgd", "sgd_alpha_unbiased"), ("sgd", "sgd_null_haar_unbiased_mean"),
+            ("dropout", "dropout_slope"))])
+    s = module.TINY_ALIGNMENT if tiny else module.ALIGNMENT
+    cfg = plan[0]["config"]
+    notes = [f"MNIST, 784-{cfg.model.hidden[0]}-{cfg.model.hidden[1]}-10 ReLU without biases, cross-entropy, SGD batch "
+             f"{cfg.train.batch_size}, lr {cfg.optim.lr}, {steps_total} steps; dropout run: keep_prob "
+             f"{cfg.model.keep_prob} on both hidden layers.",
+             f"H = Hessian of R_S on the first {s['num_examples']} training images for every noise and run (top "
+             f"{s['top_k']} eigenpairs by Lanczos, ||H||_F from them plus {s['num_probes']} Hutchinson probes); "
+             f"Sigma from K = {s['num_masks']} mask gradients (dropout) or {s['sgd_examples']} single-example "
+             "gradients (SGD); alpha with the unbiased ||Sigma||_F; null = the exact Haar mean for the same "
+             "spectra. Intervals: Student-t over seeds of the per-seed difference alpha - null."]
+    figures = []
+    if done:
+        plt, fig, axes = figure(1, 2, (4.6, 3.4))
+        for variant, key, null, color, label in (
+                ("dropout", "dropout_alpha_unbiased", "dropout_null_haar_unbiased_mean", "C0", "dropout noise, dropout run"),
+                ("dropout", "sgd_alpha_unbiased", "sgd_null_haar_unbiased_mean", "C1", "SGD noise, dropout run"),
+                ("sgd", "sgd_alpha_unbiased", "sgd_null_haar_unbiased_mean", "C3", "SGD noise, SGD run")):
+            xs = [st for st in checkpoints if at(variant, st, key)]
+            if not xs:
+                continue
+            means = [t_interval(at(variant, st, key))["mean"] for st in xs]
+            axes[0].plot([max(x, 1) for x in xs], means, "o-", color=color, label=f"{label} ({len(series[variant])} seeds)")
+            axes[0].plot([max(x, 1) for x in xs], [t_interval(at(variant, st, null))["mean"] for st in xs], ":",
+                         color=color, lw=1)
+            slopes = [t_interval(at(variant, st, key.replace("alpha_unbiased", "slope")))["mean"] for st in xs]
+            axes[1].plot([max(x, 1) for x in xs], slopes, "o-", color=color, label=label)
+        axes[0].set(xscale="log", yscale="log", xlabel="training step (0 shown at 1)", ylabel="alpha(H, Sigma)",
+                    title="alignment (dotted: Haar null)")
+        axes[0].legend(fontsize=6)
+        axes[1].axhline(0.0, color="gray", lw=0.8)
+        axes[1].set(xscale="log", xlabel="training step (0 shown at 1)", ylabel="slope of log u^T Sigma u vs log lambda",
+                    title="projected variance vs lambda")
+        figures.append(save(plt, fig, out_dir, "paper_p_e2_alignment.png"))
+    return {"status": _status(done, len(plan)), "rows": rows, "notes": notes, "figures": figures,
+            "tables": [{"title": "Along training (mean [95% CI] over seeds)",
+                        "columns": ["step", "alpha drop (drop run)", "Haar null (drop)", "alpha SGD (drop run)",
+                                    "alpha SGD (SGD run)", "Haar null (SGD run)", "slope drop"], "rows": table}]}
+
+
+def fashion(out_dir: str, module, tiny: bool) -> dict:
+    plan = module.get_plan(tiny)
+    steps = plan[0]["config"].train.num_steps
+    acc: dict[float, list[float]] = {}
+    done = 0
+    for entry in plan:
+        final = finished_metrics(out_dir, entry["name"], steps)
+        if final is None:
+            continue
+        done += 1
+        lam = 0.0 if entry["config"].objective == "dropout" else float(entry["config"].penalty_lr)
+        acc.setdefault(lam, []).append(100 * final["test/acc"])
+    ci = {lam: t_interval(v) for lam, v in sorted(acc.items())}
+    eps = module.EPS
+    penalised = {lam: c for lam, c in ci.items() if lam > 0 and c["mean"] is not None}
+    rows = []
+    if penalised and 0.0 in ci:
+        best = max(penalised, key=lambda lam: penalised[lam]["mean"])
+        gain = welch_interval(acc[best], acc[0.0])
+        near = eps / 2 <= best <= 2 * eps
+        beats = gain["low"] is not None and gain["low"] > 0
+        verdict = ("reproduced", "best lambda within 2x of eps and above the dropout line") if near and beats else (
+            ("partly", "best lambda within 2x of eps, but not above the dropout line") if near else
+            ("partly", f"above the dropout line, but the best lambda is {best / eps:g} eps") if beats else
+            ("not reproduced", f"the best lambda is {best / eps:g} eps and not above the dropout line"))
+        if gain["low"] is None:
+            verdict = ("not enough seeds", "one seed: no interval")
+        rows.append(row(module.PAPER["best"][0], module.PAPER["best"][1],
+                        f"lambda = {best:g} = {best / eps:g} eps ({fmt_ci(penalised[best], unit=' %')})", verdict))
+        rows.append(row(module.PAPER["gain"][0], module.PAPER["gain"][1], fmt_ci(gain, unit=" pp"),
+                        verdict_sign(gain, +1)))
+        at_eps = welch_interval(acc.get(eps, []), acc[0.0])
+        rows.append(row("penalised at lambda = eps - dropout", "> 0", fmt_ci(at_eps, unit=" pp"),
+                        verdict_sign(at_eps, +1)))
+    cfg = plan[0]["config"]
+    table = [["dropout (lambda = 0)" if lam == 0 else f"{lam:g} ({lam / eps:g} eps)", fmt_ci(c, unit=" %")]
+             for lam, c in ci.items()]
+    notes = [f"Fashion-MNIST, 784-{cfg.model.hidden[0]}-10 ReLU (the paper's width 4096 reduced for the CPU budget), "
+             f"cross-entropy, SGD batch {cfg.train.batch_size}, lr eps = {eps:g}, {steps} steps, keep_prob "
+             f"{cfg.model.keep_prob} after the hidden layer; test accuracy on {cfg.data.num_test or 10000} test images.",
+             "Penalised runs: R^drop_S + (lambda/4)||grad R^drop_S||^2 (one mask draw per example, the minibatch's "
+             "gradient), trained at the same eps; lambda = 0 is the dropout line."]
+    figures = []
+    if penalised:
+        plt, fig, axes = figure(1, 1, (5.0, 3.4))
+        lams = sorted(penalised)
+        axes[0].errorbar(lams, [penalised[l]["mean"] for l in lams],
+                         yerr=[[penalised[l]["mean"] - (penalised[l]["low"] if penalised[l]["low"] is not None
+                                                        else penalised[l]["mean"]) for l in lams],
+                               [(penalised[l]["high"] if penalised[l]["high"] is not None else penalised[l]["mean"])
+                                - penalised[l]["mean"] for l in lams]], fmt="o-", capsize=3,
+                         label="R^drop + (lambda/4)||grad R^drop||^2")
+        if 0.0 in ci and ci[0.0]["mean"] is not None:
+            axes[0].axhline(ci[0.0]["mean"], color="C1", label="dropout (lambda = 0)")
+            if ci[0.0]["low"] is not None:
+                axes[0].axhspan(ci[0.0]["low"], ci[0.0]["high"], color="C1", alpha=0.2)
+        axes[0].axvline(eps, color="gray", ls=":", label="lambda = eps")
+        axes[0].set(xscale="log", xlabel="lambda", ylabel="test accuracy (%)", title="Fashion-MNIST: accuracy vs lambda")
+        axes[0].legend(fontsize=7)
+        figures.append(save(plt, fig, out_dir, "paper_fashion_lambda.png"))
+    return {"status": _status(done, len(plan)), "rows": rows, "notes": notes, "figures": figures,
+            "accuracy_pct": {str(k): v for k, v in acc.items()},
+            "tables": [{"title": "Final test accuracy (mean [95% CI] over seeds)", "columns": ["lambda", "test accuracy"],
+                        "rows": table}]}
+
+
+def p_e1(out_dir: str, module, tiny: bool) -> dict:
+    plan = module.get_plan(tiny)
+    cfg = plan[0]["config"]
+    a = last_artifact(out_dir, plan[0]["name"], "weak_error")
+    if not a:
+        return {"status": NOT_RUN, "rows": [], "notes": []}
+    names = [str(n) for n in np.asarray(a["g_names"])]
+    lrs = np.asarray(a["lr"], np.float64)
+    rows, table = [], []
+    order = lambda v, g: {"mean": scalar(a, f"order/{v}/{g}/p{cfg.model.keep_prob:g}"),  # noqa: E731
+                          "low": scalar(a, f"order/{v}/{g}/p{cfg.model.keep_prob:g}_low"),
+                          "high": scalar(a, f"order/{v}/{g}/p{cfg.model.keep_prob:g}_high"), "n": len(lrs)}
+    for g in ("R_S", "f_probe0"):
+        if g not in names:
+            continue
+        o = order("order1", g)
+        verdict = ("not run", "no fit") if o["mean"] is None else verdict_absolute(
+            o if o["low"] is not None else dict(o, low=o["mean"], high=o["mean"]), (1.0, 1.0), (0.25, 0.5), unit="")
+        rows.append(row(f"{module.PAPER['order1'][0]}, g = {g}", module.PAPER["order1"][1],
+                        f"{fmt_ci(o)} (bootstrap over replica groups); ODE control {fmt_ci(order('ode1', g))}",
+                        verdict))
+    j = names.index("R_S") if "R_S" in names else 0
+    small = int(np.argmin(lrs))
+    if "ode1/beats/order1" in a:
+        frac = float(np.asarray(a["order1/beats/ode1"])[small, -1, j]) if "order1/beats/ode1" in a else None
+        e1, e0 = float(np.asarray(a["order1/error"])[small, -1, j]), float(np.asarray(a["ode1/error"])[small, -1, j])
+        rows.append(row(module.PAPER["diffusion"][0] + f" (g = {names[j]})", module.PAPER["diffusion"][1],
+                        f"SME {e1:.2e} vs ODE {e0:.2e}; SME below in {100 * frac:.0f} % of bootstrap draws"
+                        if frac is not None else f"SME {e1:.2e} vs ODE {e0:.2e}",
+                        ("reproduced", "SME below the ODE in >= 95 % of draws") if frac is not None and frac >= 0.95 else
+                        ("not reproduced", "the SME's error is not resolved below the ODE's")))
+    for c, lr in enumerate(lrs):
+        cells = [f"{lr:g}"]
+        for g in ("R_S", "f_probe0"):
+            if g not in names:
+                continue
+            k = names.index(g)
+            cells += [f"{float(np.asarray(a[f'{v}/{key}'])[c, -1, k]):.2e}" for v, key in
+                      (("order1", "error"), ("order1", "floor"), ("ode1", "error"))]
+        table.append(cells)
+    s = cfg.sde
+    notes = [f"MNIST-{cfg.data.num_train} inputs, two-layer 784-{cfg.model.hidden[0]}-10 ReLU without biases, "
+             f"MSE, full-batch dropout GD (shared masks, keep_prob {cfg.model.keep_prob}), R = {s.num_replicas} "
+             f"replicas in {s.num_batches} groups, SME time T = {s.horizon}, eps in {s.lr_grid}; diffusion "
+             f"{s.diffusion} (K = {s.num_masks} mask gradients per step), coupling {s.coupling}.",
+             "Monte Carlo floor = the standard error of the difference of replica means (the table's 'floor'); "
+             "errors are bias-corrected and read at t = T. Order intervals: bootstrap over replica groups "
+             "(one sweep: there are no seeds)."]
+    figures = []
+    plt, fig, axes = figure(1, 1, (5.0, 3.4))
+    for v, color in (("order1", "C0"), ("ode1", "C3")):
+        axes[0].loglog(lrs, np.asarray(a[f"{v}/error"])[:, -1, j], "o-", color=color, label=f"{v} error ({names[j]})")
+        axes[0].loglog(lrs, np.asarray(a[f"{v}/floor"])[:, -1, j], ":", color=color, label=f"{v} MC floor")
+    axes[0].loglog(lrs, np.asarray(a["order1/error"])[small, -1, j] * lrs / lrs[small], "--", color="gray",
+                   lw=0.8, label="slope 1")
+    axes[0].set(xlabel="eps", ylabel=f"weak error of {names[j]} at t = T", title="P-E1: SME weak error, MNIST-1k")
+    axes[0].legend(fontsize=7)
+    figures.append(save(plt, fig, out_dir, "paper_p_e1_weak_error.png"))
+    columns = ["eps"] + [f"{g}: {c}" for g in ("R_S", "f_probe0") if g in names
+                         for c in ("order1 error", "order1 floor", "ode1 error")]
+    return {"status": "complete", "rows": rows, "notes": notes, "figures": figures,
+            "tables": [{"title": "Weak errors at t = T", "columns": columns, "rows": table}]}

@@ -19,7 +19,7 @@ def test_only_selects_in_run_order_and_names_bad_experiments():
         paper.select("P-E5,P-E9")
 
 
-@pytest.mark.parametrize("name", ["P-E5", "P-E4", "P-E6", "P-E3"])
+@pytest.mark.parametrize("name", ["P-E5", "P-E4", "P-E6", "P-E3", "P-E2", "Fashion", "P-E1"])
 def test_every_planned_config_validates_and_has_a_tiny_variant(name):
     from sme import config as config_lib
 
@@ -141,3 +141,92 @@ def test_p_e3_block_is_the_weights_between_the_hidden_layers():
     flat = np.asarray(ravel_pytree(params)[0])
     assert mask.shape == (784 * 50 + 50 * 50 + 50 * 10,) and mask.sum() == 2500  # no biases
     np.testing.assert_array_equal(flat[mask], np.asarray(params["hidden"][1]["w"]).reshape(-1))
+
+
+def test_drop_r2_is_dropout_risk_plus_lambda_quarter_squared_gradient_norm():
+    """drop_r2 against R^drop + (lambda/4)||g||^2 with g from central differences (float64: the
+    differences' error is O(h^2) ~ 1e-10 relative, so 1e-6 is loose but far below the penalty's size)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from sme import dropout, losses, models
+
+    with jax.enable_x64(True):
+        model = models.make_model("mlp", in_dim=3, hidden=(4,), out_dim=2, keep_prob=0.7, dropout_layers=(0,),
+                                  use_bias=True, output_bias=True, activation="tanh")
+        params = model.init(jax.random.key(0), dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
+        y = jnp.eye(2, dtype=jnp.float64)[jnp.array([0, 1, 1, 0, 1])]
+        masks = dropout.sample_masks(model.sites, key=jax.random.key(2), batch_shape=(5,), dtype=jnp.float64)
+        flat, unravel = ravel_pytree(params)
+        drop = lambda v: losses.dropout_risk(model, "mse", unravel(v), x, y, masks, mode="per_sample")  # noqa: E731
+        h = 1e-5
+        grad = np.array([(drop(flat.at[i].add(h)) - drop(flat.at[i].add(-h))) / (2 * h) for i in range(flat.size)])
+        lam = 0.37
+        value = losses.make_objective("drop_r2", model, "mse", mode="per_sample", lr=lam)(params, x, y, masks)
+        assert float(value) == pytest.approx(float(drop(flat)) + lam / 4 * float(grad @ grad), rel=1e-6)
+        assert lam / 4 * float(grad @ grad) > 1e-3 * float(drop(flat))  # the penalty is not negligible here
+
+
+def test_penalty_lr_defaults_to_the_learning_rate_and_rejects_negative_values():
+    from sme import config as config_lib, losses
+    from configs.paper import fashion
+
+    cfg = fashion.get_config("penalty,lam=0.02")
+    assert cfg.objective == "drop_r2" and losses.penalty_coefficient(cfg) == 0.02
+    cfg.penalty_lr = -1.0
+    assert losses.penalty_coefficient(cfg) == cfg.optim.lr == fashion.EPS
+    cfg.penalty_lr = -0.5
+    with pytest.raises(config_lib.ConfigError, match="penalty_lr"):
+        config_lib.validate(cfg)
+
+
+def _fake_run(out, name, steps, acc):
+    directory = os.path.join(out, "runs", name)
+    os.makedirs(directory)
+    paper.io.write_jsonl(os.path.join(directory, "metrics.jsonl"), [{"step": steps, "test/acc": acc}])
+
+
+def test_fashion_verdict_finds_the_best_lambda_against_the_dropout_line(tmp_path):
+    from configs.paper import fashion
+
+    out = str(tmp_path)
+    eps, steps = fashion.EPS, fashion.DEFAULTS["steps"]
+    for seed, noise in zip((0, 1, 2), (0.0, 0.001, -0.001)):
+        _fake_run(out, fashion.run_name("dropout", 0.0, seed), steps, 0.80 + noise)
+        for lam in fashion.LAMBDAS:  # best at lambda = eps, 1 pp above the dropout line
+            _fake_run(out, fashion.run_name("penalty", lam, seed), steps, 0.81 + noise - 0.002 * abs(math.log(lam / eps)))
+    section = paper_report.write_report(out)["experiments"]["Fashion"]
+    assert section["status"] == "complete"
+    rows = {r["claim"]: r for r in section["rows"]}
+    best = rows[fashion.PAPER["best"][0]]
+    assert best["ours"].startswith(f"lambda = {eps:g} = 1 eps") and best["verdict"] == "reproduced"
+    assert rows[fashion.PAPER["gain"][0]]["ours"].startswith("1.00 pp")
+
+
+def test_report_keeps_earlier_sections_for_experiments_not_run_here(tmp_path):
+    earlier = {"experiments": {"P-E5": {"status": "complete", "rows": [{"claim": "c", "paper": "p", "ours": "o",
+                                                                        "verdict": "reproduced", "reason": "r"}],
+                                        "notes": ["n"]},
+                               "P-E2": {"status": "not run in this budget", "rows": []}}}
+    keep = str(tmp_path / "earlier.json")
+    paper.io.write_json(keep, earlier)
+    sections = paper_report.write_report(str(tmp_path / "new"), keep=keep)["experiments"]
+    assert sections["P-E5"]["status"] == "complete" and sections["P-E5"]["rows"] == earlier["experiments"]["P-E5"]["rows"]
+    assert sections["P-E5"]["notes"][0] == "n" and "earlier run" in sections["P-E5"]["notes"][-1]
+    assert sections["P-E2"]["status"] == "not run in this budget"
+
+
+@pytest.mark.slow
+def test_tiny_p_e2_and_p_e1_train_analyse_and_report(tmp_path, monkeypatch):
+    fake = tmp_path / "mnist.pkl.gz"
+    _fake_mnist(fake)
+    monkeypatch.setattr(data, "mnist_pickle_path", lambda: str(fake))
+    out = str(tmp_path / "report")
+    sections = paper.run_paper(out, "P-E2,P-E1", tiny=True, log=lambda *_: None)["experiments"]
+    assert sections["P-E2"]["status"] == "complete" and sections["P-E1"]["status"] == "complete"
+    rows = sections["P-E2"]["rows"]
+    assert all("(n=3)" in r["ours"] for r in rows)
+    assert {r["verdict"] for r in rows} <= {"reproduced", "partly", "not reproduced", "-"}
+    assert sections["P-E1"]["tables"][0]["rows"] and sections["P-E1"]["figures"]
