@@ -7,9 +7,10 @@ from the same initial parameters (seed 0). Beside R replicas of discrete dropout
 the order-1 SME (Euler-Maruyama, 1 substep) whose diffusion is the square root of the
 mask-gradient covariance estimated from K = 8 fresh masks per step (`sde.diffusion = masks`: the
 estimator that also serves nets without a closed form), and the ODE control ode1 (the same drift
-without diffusion). The order-2 SME was left out for the budget (its drift costs extra passes). The claim under test (Li, Tai & E; 2305.15850 for
-dropout): the order-1 SME is a weak approximation of order 1, the weak error falls in proportion
-to eps, and the diffusion matters (the SME's error is below the ODE's).
+without diffusion). The order-2 SME was left out for the budget (its drift costs extra passes).
+The claim under test (Li, Tai & E; 2305.15850 for dropout): the order-1 SME is a weak
+approximation of order 1, the weak error falls in proportion to eps, and the diffusion matters
+(the SME's error is below the ODE's).
 
 Grids and budget (2 CPU cores shared with ~5 other jobs), fixed before the run: eps in
 {0.2, 0.1, 0.05}, SME time T = 0.8 (4, 8, 16 steps), R = 128 replicas in 16 groups (the bootstrap
