@@ -26,7 +26,7 @@ import pytest
 from configs import smoke
 from sme import io, rng
 from sme.analyses import REGISTRY, Analysis, common
-from sme.analyses.runner import Request, analyse_run
+from sme.analyses.runner import Progress, Request, analyse_run
 from sme.train import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -218,3 +218,33 @@ def test_sharded_over_devices_equals_one_device(two_replica_run, tmp_path, root)
             assert sorted(a) == sorted(b) == [0, 20, 40]
             for step in a:
                 assert_same_results(a[step], b[step], err=f"{name} replica {r} step {step}")
+
+
+def test_progress_reports_compilation_first_then_an_eta_from_the_later_calls():
+    lines = []
+    progress = Progress("toy: item", 5, log=lambda fmt, line: lines.append(line))
+    progress.update(1, 5.0)  # compiles: not part of the rate
+    progress.update(2, 2.0, " (step 10, 20)")  # 1 s per item, 2 items left
+    progress.update(2, 4.0)  # (2 + 4) s / 4 items
+    assert lines == ["toy: item 1 of 5 | first call with compilation 5.0s",
+                     "toy: item 3 of 5 (step 10, 20) | 1s per item | ETA 2s",
+                     "toy: item 5 of 5 | 1.5s per item | ETA 0s"]
+
+
+def test_runner_logs_item_k_of_n_with_an_eta(two_replica_run, tmp_path, monkeypatch, caplog):
+    import logging
+
+    run = _copy(two_replica_run, tmp_path, "run")
+    monkeypatch.setitem(REGISTRY, "toy", _toy(fail_step=-1))
+    with caplog.at_level(logging.INFO):
+        analyse_run(run, Request(("toy",), batch_size=3))  # 7 checkpoints in calls of 3, 3 and 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("toy: item")]
+    assert [line.split(" |")[0] for line in lines] == [
+        "toy: item 3 of 7 (step 0, 10, 20)", "toy: item 6 of 7 (step 30, 40, 50)", "toy: item 7 of 7 (step 60)"]
+    assert "first call with compilation" in lines[0] and "ETA" not in lines[0]
+    assert all("s per item | ETA" in line for line in lines[1:])
+    with caplog.at_level(logging.INFO):  # everything is on disk now: nothing to do, no item lines
+        caplog.clear()
+        analyse_run(run, Request(("toy",), batch_size=3))
+    assert not [r for r in caplog.records if r.getMessage().startswith("toy: item")]
+    assert any(r.getMessage().startswith("toy: 0 of 7") for r in caplog.records)

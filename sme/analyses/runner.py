@@ -177,6 +177,33 @@ def _replicas(request: Request, num_replicas: int) -> list[int]:
     return [replica]
 
 
+class Progress:
+    """Progress lines "<what> k of n" for a job of n items, with an ETA once the first call is done.
+
+    ``update(count, seconds)`` records a call that finished ``count`` items in ``seconds``. The first
+    call compiles, so it is reported as such and left out of the rate; later lines give the mean
+    seconds per item since then and the ETA of the rest (as `sme.train.loop` does for steps).
+    """
+
+    def __init__(self, what: str, total: int, *, log=logging.info):
+        self.what, self.total, self.done, self.log = what, total, 0, log
+        self.compile_secs: float | None = None
+        self.rate_items, self.rate_secs = 0, 0.0
+
+    def update(self, count: int, seconds: float, detail: str = "") -> str:
+        self.done += count
+        if self.compile_secs is None:
+            self.compile_secs = seconds
+            speed = f"first call with compilation {seconds:.1f}s"
+        else:
+            self.rate_items, self.rate_secs = self.rate_items + count, self.rate_secs + seconds
+            per_item = self.rate_secs / self.rate_items
+            speed = f"{per_item:.3g}s per item | ETA {per_item * max(self.total - self.done, 0):.0f}s"
+        line = f"{self.what} {self.done} of {self.total}{detail} | {speed}"
+        self.log("%s", line)
+        return line
+
+
 def auto_batch_size() -> int:
     """Items per batched call when not given: one per device when there are several, else 1."""
     count = jax.device_count()
@@ -255,10 +282,15 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
 
     chunk = _balanced(len(steps), max(1, batch_size // len(replicas)))  # steps per chunk
     group = _balanced(chunk * len(replicas), batch_size)  # items per batched call
+    pending = {name: [(step, r) for step in steps for r in replicas if not reusable(where(name, r), step)]
+               for name in request.names}
+    progress = {name: Progress(f"{name}: item", len(items)) for name, items in pending.items()}
+    for name, items in pending.items():
+        logging.info("%s: %d of %d (checkpoint, replica) items to compute, the others are on disk", name,
+                     len(items), len(steps) * len(replicas))
     for start in range(0, len(steps), chunk):
-        todo = {name: [(step, r) for step in steps[start:start + chunk] for r in replicas
-                       if not reusable(where(name, r), step)]
-                for name in request.names}
+        todo = {name: [(step, r) for step, r in items if step in steps[start:start + chunk]]
+                for name, items in pending.items()}
         runs.agree_on_resume(workdir, [len(items) for items in todo.values()])  # the same batched calls everywhere
         params = {}
         for step in sorted({step for items in todo.values() for step, _ in items}):
@@ -277,8 +309,13 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
                             workdir=workdir)
                     for step, r in items if (step, r) in params]
             size = group if registry[name].batch_fn is not None else 1
+            progress[name].total -= len(items) - len(ctxs)  # items of unreadable checkpoints are not done
             for i in range(0, len(ctxs), size):
-                for ctx, result in _analyse(registry[name], ctxs[i:i + size], cfg.seed, size):
+                tic = time.time()
+                done = _analyse(registry[name], ctxs[i:i + size], cfg.seed, size)
+                progress[name].update(len(done), time.time() - tic,
+                                      f" (step {', '.join(str(ctx.step) for ctx, _ in done)})")
+                for ctx, result in done:
                     label = where(name, ctx.replica)
                     if isinstance(result, str):
                         failures.append(f"{label} at step {ctx.step}: {result}")
