@@ -203,6 +203,50 @@ def run_cell(cfg, ctx: _PerKeepProb, keep_prob: float, lr: float, horizon: float
     return arrays, records
 
 
+TABLE_FUNCTION = "R_S"  # the test function of the per-cell table (the training risk)
+TABLE_COLUMNS = ("p", "eps", "variant", f"weak error of {TABLE_FUNCTION} at T", "replicas", "time")
+
+
+def _sig(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def cell_table_rows(arrays: dict, *, num_boot: int, level: float = 0.95) -> list[tuple[str, ...]]:
+    """One row per variant of a finished cell: p, eps, variant, weak error, replicas, seconds (text).
+
+    The weak error of ``TABLE_FUNCTION`` at the cell's final time is `sme.weak_error.weak_error`
+    (bias-corrected, with the joint-bootstrap indices of seed 0 that the weak_error analysis uses,
+    so the numbers are the analysis's at the final time). Shown as "error [low, high]" when the
+    interval excludes 0, else "<= high (floor f)": the error is not resolved above its Monte Carlo
+    floor; "diverged" when the process did. Three significant digits.
+    """
+    from sme import weak_error
+
+    names = [str(g) for g in arrays["g_names"]]
+    j = names.index(TABLE_FUNCTION)
+    ref = np.asarray(arrays["mean/discrete"][-1], np.float64)
+    idx = weak_error.bootstrap_indices(ref.shape[0], num_boot=num_boot, seed=0)
+    rows = []
+    for v in [str(v) for v in np.atleast_1d(arrays["variants"])]:
+        res = weak_error.weak_error(ref, arrays[f"mean/{v}"][-1], idx, level=level)
+        error, low, high, floor = (float(res[k][j]) for k in ("error", "ci_low", "ci_high", "floor"))
+        if bool(res["diverged"][j]):
+            text = "diverged"
+        elif low > 0:
+            text = f"{_sig(error)} [{_sig(low)}, {_sig(high)}]"
+        else:
+            text = f"<= {_sig(high)} (floor {_sig(floor)})"
+        rows.append((f"{float(arrays['keep_prob']):g}", f"{float(arrays['lr']):g}", v, text,
+                     str(int(arrays["num_replicas"])), f"{float(arrays['seconds']):.1f}s"))
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]], columns=TABLE_COLUMNS) -> str:
+    """Left-aligned columns separated by two spaces, with a header line."""
+    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [columns, *rows])
+
+
 def run_sde(cfg, workdir: str, setup, *, restart: bool = False) -> dict:
     """The sweep of `cfg` (already validated into `setup`), resuming finished cells, under the
     workdir lock. Returns a record with the last cell's final discrete R_S and the number of cells.
@@ -262,6 +306,8 @@ def _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart) -> dic
         logging.info("cell %s (%d/%d): %d steps x %d replicas in %.1fs (%.3g replica-steps/s, compile "
                      "included); elapsed %.0fs", cell_name(p, lr), i + 1, len(cells), int(round(horizon / lr)),
                      cfg.sde.num_replicas, float(arrays["seconds"]), rate, time.time() - start)
+        logging.info("cell %s (%d/%d):\n%s", cell_name(p, lr), i + 1, len(cells),
+                     format_table(cell_table_rows(arrays, num_boot=cfg.sde.num_boot)))
     del last
     final = ([r for r in io.read_jsonl(metrics_path) if r.get("cell") == cell_name(*cells[-1])] or [{}])[-1]
     return {"step": int(final.get("step", 0)), "cells": len(cells),
