@@ -363,6 +363,12 @@ def p_e2(out_dir: str, module, tiny: bool) -> dict:
              f"Sigma from K = {s['num_masks']} mask gradients (dropout) or {s['sgd_examples']} single-example "
              "gradients (SGD); alpha with the unbiased ||Sigma||_F; null = the exact Haar mean for the same "
              "spectra. Intervals: Student-t over seeds of the per-seed difference alpha - null."]
+    plug = {k: t_interval(at(v, last, key)) for k, (v, key) in dict(
+        drop=("dropout", "dropout_alpha"), same=("dropout", "sgd_alpha"), sgd=("sgd", "sgd_alpha")).items()}
+    notes.append("The unbiased ||Sigma||_F of K samples can fall below the true value, so alpha can exceed the "
+                 "Cauchy-Schwarz bound 1 (most for the heavy-tailed single-example SGD gradients); the plug-in alpha "
+                 f"(biased low, <= 1) at the last step: dropout noise {fmt_ci(plug['drop'], digits=3)}, SGD noise at "
+                 f"the dropout run's theta {fmt_ci(plug['same'], digits=3)}, SGD run {fmt_ci(plug['sgd'], digits=3)}.")
     figures = []
     if done:
         plt, fig, axes = figure(1, 2, (4.6, 3.4))
