@@ -39,7 +39,9 @@ import numpy as np
 
 from sme.dropout import check_mode, enumerate_masks
 from sme.grads import mask_gradients, per_example_mask_gram, sample_mask_gradients
+from sme.lanczos import top_eigenpairs as lanczos_top
 from sme.models import Model
+from sme.problem import accepts_problem
 
 
 class Factored(NamedTuple):
@@ -173,8 +175,6 @@ def lanczos_eigenpairs(matvec_fn: Callable, dim: int, *, key, k: int, order: int
     ``matvec_fn`` acts on flat (dim,) vectors, e.g. ``partial(matvec, cov)`` or
     `implicit_matvec`. Cost: ``order`` matvecs.
     """
-    from sme.lanczos import top_eigenpairs as lanczos_top  # the curvature module
-
     return lanczos_top(matvec_fn, dim, key=key, k=k, order=order, which="largest")
 
 
@@ -218,6 +218,7 @@ def sample(cov: Factored, *, key, num_samples: int | None = None) -> jax.Array:
     return z @ cov.root
 
 
+@accepts_problem
 def enumerate_gradient_table(model: Model, loss: str, params, x, y):
     """G[e, i] = grad l(f(x_i; eta_e), y_i) over all 2**m shared masks (tiny nets).
 
@@ -245,6 +246,7 @@ def exact_covariance(table: jax.Array, probs: jax.Array, *, mode: str) -> Factor
     return Factored(root)
 
 
+@accepts_problem
 def exact_mask_covariance(model: Model, loss: str, params, x, y, *, mode: str) -> Factored:
     """Exact Sigma by enumerating all masks (tiny nets). Cost: 2**m x n per-example gradients."""
     table, probs = enumerate_gradient_table(model, loss, params, x, y)
@@ -362,6 +364,7 @@ def component_traces_from_table(table: jax.Array) -> ComponentTraces:
     return _traces_from_ss(column, grand, ss_rows, within, num_masks, n)
 
 
+@accepts_problem
 def component_traces(model: Model, loss: str, params, x, y, masks, *, chunk_size=None):
     """`component_traces_from_table` from inner products, never the K x n x P table.
 

@@ -34,46 +34,21 @@ sampler above is applied per example with its own noise (a leading noise axis G 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
-from sme.dropout import Site, check_mode, enumerate_masks, ones_masks, sample_masks
-from sme.losses import check_closed_form, loss_fn
+from sme.dropout import Site, check_mode, enumerate_masks, num_droppable_units, ones_masks
+from sme.losses import loss_fn
 from sme.models import MLPSpec, Model, mlp_mask_outputs
+from sme.problem import MAX_EXACT_UNITS, METHODS, Problem, check_closed_form, tree_sq_norm
+from sme.problem import draw_masks as _draw_masks
 
-DIFFUSIONS = ("masks", "exact", "closed_form")
-# Enumeration beyond this many droppable units is refused (2**12 masks per gradient).
-MAX_ENUMERATED_UNITS = 12
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("x", "y"), meta_fields=("model", "loss", "mode"))
-@dataclasses.dataclass(frozen=True, eq=False)
-class Problem:
-    """Full-batch dropout regression/classification: the model, its loss, the mask mode and the data.
-
-    A pytree whose leaves are ``x`` (n, d) and ``y`` (n, out), so jitted functions take it as an
-    argument (the data are traced, not baked into the program).
-    """
-
-    model: Model
-    loss: str
-    mode: str
-    x: jax.Array
-    y: jax.Array
-
-    @property
-    def num_examples(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def num_groups(self) -> int:
-        """Independent mask draws per step: 1 (shared) or n (per_sample)."""
-        return 1 if self.mode == "shared" else self.num_examples
+DIFFUSIONS = METHODS
+# The name sde, lockstep and sweep import: the per-step enumeration default `sme.problem.MAX_EXACT_UNITS`
+# (12), not the hard limit of `sme.dropout.enumerate_masks` (`sme.dropout.MAX_ENUMERATED_UNITS`, 20).
+MAX_ENUMERATED_UNITS = MAX_EXACT_UNITS
 
 
 def droppable_sites(sites: tuple[Site, ...]) -> list[int]:
@@ -82,7 +57,7 @@ def droppable_sites(sites: tuple[Site, ...]) -> list[int]:
 
 def num_units(sites) -> int:
     """m: droppable units (the length of the unit noise zeta)."""
-    return sum(sites[i].size for i in droppable_sites(sites))
+    return num_droppable_units(sites)
 
 
 def unit_scales(sites) -> np.ndarray:
@@ -91,7 +66,7 @@ def unit_scales(sites) -> np.ndarray:
                            for i in droppable_sites(sites)] or [np.zeros(0)])
 
 
-def check_diffusion(problem_or_model, loss: str, name: str, *, max_units: int = MAX_ENUMERATED_UNITS) -> None:
+def check_diffusion(problem_or_model, loss: str, name: str, *, max_units: int = MAX_EXACT_UNITS) -> None:
     """Raise ValueError (saying why) unless diffusion `name` applies to this model and loss."""
     model = problem_or_model.model if isinstance(problem_or_model, Problem) else problem_or_model
     if name not in DIFFUSIONS:
@@ -167,9 +142,9 @@ def noise_shapes(problem: Problem, name: str, *, num_masks: int) -> dict[str, tu
 
 
 def draw_masks(problem: Problem, *, key, num_masks: int):
-    """K mask sets from one `sample_masks` call: leading axis K ((K, n) for per_sample)."""
-    shape = (num_masks,) if problem.mode == "shared" else (num_masks, problem.num_examples)
-    return sample_masks(problem.model.sites, key=key, batch_shape=shape, dtype=problem.x.dtype)
+    """K mask sets from one `sample_masks` call: leading axis K ((K, n) for per_sample); the
+    ``split_keys=False`` stream of `sme.problem.draw_masks`."""
+    return _draw_masks(problem, key=key, num_masks=num_masks, split_keys=False)
 
 
 def sample_noise(problem: Problem, name: str, *, key, num_masks: int, with_masks: bool = False) -> dict:
@@ -326,7 +301,7 @@ def closed_form_trace(problem: Problem, params) -> jax.Array:
             noise[k] = e[offset:offset + sizes[k]].reshape(shapes[k])
             offset += sizes[k]
         s = _closed_form_sample(problem, params, noise)
-        return sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(s))
+        return tree_sq_norm(s)
 
     return jnp.sum(jax.vmap(sq_norm)(basis))
 

@@ -30,7 +30,8 @@ import numpy as np
 
 MASK_MODES = ("shared", "per_sample")
 
-# 2**20 masks is already ~1e6 forward passes; beyond that enumeration is a mistake.
+# What `enumerate_masks` does at all: 2**20 masks is already ~1e6 forward passes; beyond that
+# enumeration is a mistake. (The SME's per-step default is lower: `sme.problem.MAX_EXACT_UNITS`.)
 MAX_ENUMERATED_UNITS = 20
 
 
@@ -59,6 +60,20 @@ def check_mode(mode: str) -> str:
     if mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mode!r}; expected one of {MASK_MODES}")
     return mode
+
+
+def mask_shape(mode: str, num_examples: int, *lead) -> tuple:
+    """Leading axes of masks in `mode`: ``(*lead,)`` for shared, ``(*lead, num_examples)`` for per_sample.
+
+    ``mask_shape(mode, n)`` is one draw's batch shape (``()`` or ``(n,)``), ``mask_shape(mode, n, K)``
+    that of K draws (``(K,)`` or ``(K, n)``); a ``None`` in ``lead`` stands for any size (shape checks).
+    """
+    return tuple(lead) if check_mode(mode) == "shared" else (*lead, num_examples)
+
+
+def mask_axis(mode: str) -> int | None:
+    """The examples' axis of one draw's masks, as a `vmap` in_axes entry: None (shared) or 0 (per_sample)."""
+    return 0 if mask_shape(mode, 1) else None
 
 
 def sample_masks(sites: Sites, *, key: jax.Array, batch_shape=(), dtype=jnp.float32) -> Masks:

@@ -28,9 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sme.dropout import check_mode, ones_masks, sample_masks
+from sme.dropout import ones_masks, sample_masks
 from sme.losses import dropout_risk, loss_fn
 from sme.models import MLPSpec, Model, mlp_forward_with_taps
+from sme.problem import accepts_problem, draw_masks, mask_axis, mask_shape
+
+__all__ = ["check_masks", "draw_masks", "mask_gradients", "mask_losses", "per_example_mask_gram",
+           "per_sample_gradients", "per_sample_gram", "ravel", "ravel_rows", "sample_losses",
+           "sample_mask_gradients", "sampled_mask_gradients", "unraveler"]
 
 
 def ravel(tree) -> jax.Array:
@@ -65,17 +70,7 @@ def check_masks(model: Model, masks, lead: tuple, what: str) -> None:
                              f"{tuple('K' if w is None else w for w in want)}")
 
 
-def draw_masks(model: Model, *, key, num_masks: int, mode: str, num_examples: int, dtype=jnp.float32):
-    """K mask draws, draw k from ``split(key, K)[k]`` (the masks `sampled_mask_gradients` uses).
-
-    Returns:
-      Masks with leading axes (K,) for ``shared`` or (K, n) for ``per_sample``.
-    """
-    batch_shape = () if check_mode(mode) == "shared" else (num_examples,)
-    keys = jax.random.split(key, num_masks)
-    return jax.vmap(lambda k: sample_masks(model.sites, key=k, batch_shape=batch_shape, dtype=dtype))(keys)
-
-
+@accepts_problem
 def mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode: str, chunk_size=None):
     """Raveled gradients of R^drop_S(theta; eta_k), one row per mask.
 
@@ -86,23 +81,24 @@ def mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode: str, c
     Returns:
       (K, P) array. Cost: K full-batch gradients.
     """
-    lead = (None,) if check_mode(mode) == "shared" else (None, x.shape[0])
-    check_masks(model, masks, lead, f"mask_gradients ({mode})")
+    check_masks(model, masks, mask_shape(mode, x.shape[0], None), f"mask_gradients ({mode})")
     grad = jax.grad(dropout_risk, argnums=2)
     return jax.lax.map(lambda m: ravel(grad(model, loss, params, x, y, m, mode=mode)), masks,
                        batch_size=chunk_size)
 
 
+@accepts_problem
 def sampled_mask_gradients(model: Model, loss: str, params, x, y, *, key, num_masks: int, mode: str,
                            chunk_size=None):
     """`mask_gradients` with masks drawn inside each chunk (never K x n masks in memory).
 
-    Row k uses the masks of ``draw_masks(..., key=key)[k]``, whatever the chunk size.
+    Row k uses the masks of ``draw_masks(..., key=key)[k]`` (`sme.problem.draw_masks`), whatever the
+    chunk size.
 
     Returns:
       (K, P) array. Cost: K full-batch gradients.
     """
-    batch_shape = () if check_mode(mode) == "shared" else (x.shape[0],)
+    batch_shape = mask_shape(mode, x.shape[0])
     grad = jax.grad(dropout_risk, argnums=2)
 
     def one(k):
@@ -112,6 +108,7 @@ def sampled_mask_gradients(model: Model, loss: str, params, x, y, *, key, num_ma
     return jax.lax.map(one, jax.random.split(key, num_masks), batch_size=chunk_size)
 
 
+@accepts_problem
 def mask_losses(model: Model, loss: str, params, x, y, masks, *, mode: str) -> jax.Array:
     """R^drop_S(theta; eta_k) for every mask: (K,). Its VJP with weights w is sum_k w_k g(eta_k)."""
     return jax.vmap(lambda m: dropout_risk(model, loss, params, x, y, m, mode=mode))(masks)
@@ -124,6 +121,7 @@ def _example_masks(model: Model, x, masks):
     return masks
 
 
+@accepts_problem
 def sample_losses(model: Model, loss: str, params, x, y, masks=None) -> jax.Array:
     """l(f(x_i; eta_i), y_i) for every example: (n,). ``masks`` None: the deterministic net."""
     masks = _example_masks(model, x, masks)
@@ -131,6 +129,7 @@ def sample_losses(model: Model, loss: str, params, x, y, masks=None) -> jax.Arra
     return jax.vmap(per_example)(x, y, masks)
 
 
+@accepts_problem
 def per_sample_gradients(model: Model, loss: str, params, x, y, masks=None, *, chunk_size=None):
     """Raveled g_i = grad l(f(x_i; eta_i), y_i) (not divided by n).
 
@@ -152,6 +151,7 @@ def per_sample_gradients(model: Model, loss: str, params, x, y, masks=None, *, c
     return jax.lax.map(one, (x, y, masks), batch_size=chunk_size)
 
 
+@accepts_problem
 def sample_mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode: str, chunk_size=None):
     """Per-(mask, sample) gradients G[k, i] = grad l(f(x_i; eta_ki), y_i) of minibatch dropout SGD.
 
@@ -164,11 +164,11 @@ def sample_mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode:
       (K, n, P) array. Cost: K x n per-example gradients; memory K n P.
     """
     n = x.shape[0]
-    check_masks(model, masks, (None,) if check_mode(mode) == "shared" else (None, n),
-                f"sample_mask_gradients ({mode})")
+    check_masks(model, masks, mask_shape(mode, n, None), f"sample_mask_gradients ({mode})")
+    shared = mask_axis(mode) is None
 
     def one(m):
-        if mode == "shared":
+        if shared:
             m = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), m)
         return per_sample_gradients(model, loss, params, x, y, m)
 
@@ -197,6 +197,7 @@ def _layer_gram(params, deltas, inputs) -> jax.Array:
     return gram
 
 
+@accepts_problem
 def per_sample_gram(model: Model, loss: str, params, x, y, masks=None, *, chunk_size=None) -> jax.Array:
     """Gram matrix <g_i, g_j> of the per-sample gradients, (n, n).
 
@@ -216,6 +217,7 @@ def per_sample_gram(model: Model, loss: str, params, x, y, masks=None, *, chunk_
     return _layer_gram(params, deltas, inputs)
 
 
+@accepts_problem
 def per_example_mask_gram(model: Model, loss: str, params, x, y, masks, *, chunk_size=None) -> jax.Array:
     """Per example i, the K x K Gram <grad l_i(eta_k), grad l_i(eta_l)> over K shared masks.
 

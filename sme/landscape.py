@@ -62,8 +62,10 @@ Mathematics and conventions
 
 Functions are pure and jittable (callers jit). ``loss_fn`` takes the same
 structure as ``params``: a flat (P,) vector for PCA directions (use
-`jax.flatten_util.ravel_pytree` to wrap a pytree loss) or the model's pytree for
-filter-normalised directions.
+`jax.flatten_util.ravel_pytree` to wrap a pytree loss, or `problem_loss` with
+``like``) or the model's pytree for filter-normalised directions. Where the
+parameters are the model's pytree, a `sme.problem.Problem` may stand in for
+``loss_fn``: it means its R_S (`problem_loss`).
 """
 
 from __future__ import annotations
@@ -76,11 +78,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sme import stats
+from jax.flatten_util import ravel_pytree
+
+from sme import losses, stats
+from sme.problem import Problem
 
 FACTORS = (2.0, math.e)  # c of arXiv 2305.15850 and of Feng & Tu
 
 LossFn = Callable[[Any], jax.Array]
+
+
+OBJECTIVES = ("risk", "modified", "modified_mc")
+
+
+def problem_loss(problem: Problem, *, objective: str = "risk", masks=None, like=None) -> LossFn:
+    """The problem's landscape as a `LossFn`: ``risk`` R_S, ``modified`` the closed-form L_S = R_S + R_1,
+    or ``modified_mc`` the mean of R^drop_S over ``masks`` (leading K, in the problem's mode).
+
+    ``like``: a parameter pytree; the loss then takes flat (P,) vectors in its `ravel_pytree` order
+    (PCA directions). Cost per call: one forward pass over the n examples (x K for modified_mc).
+    """
+    if objective == "risk":
+        fn = lambda p: losses.risk(problem, p)
+    elif objective == "modified":
+        losses.check_closed_form(problem.model, problem.loss)
+        fn = lambda p: losses.modified_loss(problem, p)
+    elif objective == "modified_mc":
+        if masks is None:
+            raise ValueError("problem_loss: objective 'modified_mc' needs masks")
+        fn = lambda p: losses.modified_loss_mc(problem, p, masks)
+    else:
+        raise ValueError(f"unknown landscape objective {objective!r}; expected one of {OBJECTIVES}")
+    if like is None:
+        return fn
+    unravel = ravel_pytree(like)[1]
+    return lambda flat: fn(unravel(flat))
+
+
+def _loss_of(loss_fn) -> LossFn:
+    return problem_loss(loss_fn) if isinstance(loss_fn, Problem) else loss_fn
 
 
 class PCA(NamedTuple):
@@ -248,7 +284,7 @@ def interval_flatness(loss_fn: LossFn, params, direction, *, factor,
     """Width of the interval around s = 0 where loss_fn(params + s direction) <= factor * loss_fn(params).
 
     Args:
-      loss_fn: scalar loss of a parameter structure like ``params``.
+      loss_fn: scalar loss of a parameter structure like ``params`` (or a Problem: its R_S).
       params: theta* (a flat vector or a pytree).
       direction: u, same structure (unit norm for Euclidean widths).
       factor: c > 1 (may be traced, e.g. vmapped over (2, e)).
@@ -260,6 +296,7 @@ def interval_flatness(loss_fn: LossFn, params, direction, *, factor,
     Cost: 1 + 2 (ceil(log2(max_distance / init_step)) + 1 + num_bisect) losses at most.
     """
     _check_like(params, direction, "interval_flatness: direction")
+    loss_fn = _loss_of(loss_fn)
     dtype = _float_dtype(params)
     loss0 = loss_fn(params)
     threshold = factor * loss0
@@ -394,6 +431,7 @@ def filter_normalize(direction, params, *, zero_bias: bool = True):
 def profile_1d(loss_fn: LossFn, params, direction, alphas) -> jax.Array:
     """L(params + a direction) for each a in ``alphas`` (A,). Cost: A losses (vmapped)."""
     _check_like(params, direction, "profile_1d: direction")
+    loss_fn = _loss_of(loss_fn)
     return jax.vmap(lambda a: loss_fn(_axpy(params, a, direction)))(alphas)
 
 
@@ -409,6 +447,7 @@ def profile_2d(loss_fn: LossFn, params, direction_x, direction_y, alphas, betas)
 def interpolate(loss_fn: LossFn, params_a, params_b, ts) -> jax.Array:
     """L((1 - t) params_a + t params_b) for each t in ``ts`` (T,). Cost: T losses (vmapped)."""
     _check_like(params_a, params_b, "interpolate: params_b")
+    loss_fn = _loss_of(loss_fn)
 
     def mix(t):
         return jax.tree.map(lambda a, b: (1 - jnp.asarray(t, a.dtype)) * a + jnp.asarray(t, a.dtype) * b,

@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sme.dropout import Site
+from sme.dropout import Site, mask_axis
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -336,8 +336,7 @@ def make_model(name: str, **kwargs) -> Model:
 
 def batch_apply(model: Model, params, x, masks, *, mode: str) -> jax.Array:
     """Outputs for a batch x of shape (n, ...): masks shared (one set) or per_sample (leading n)."""
-    mask_axis = 0 if mode == "per_sample" else None
-    return jax.vmap(model.apply, in_axes=(None, 0, mask_axis))(params, x, masks)
+    return jax.vmap(model.apply, in_axes=(None, 0, mask_axis(mode)))(params, x, masks)
 
 
 def num_params(params) -> int:

@@ -42,21 +42,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from sme import stats
 from sme.covariance import Factored, frobenius
-from sme.hessian import hvp
-
-
-def make_flat_hvp(fn: Callable, params):
-    """H v on flat vectors for the scalar ``fn(params)``: ``(hvp_flat, dim)``. Cost per call: 1 HVP."""
-    flat, unravel = ravel_pytree(params)
-
-    def hvp_flat(v):
-        return ravel_pytree(hvp(fn, params, unravel(v.astype(flat.dtype))))[0]
-
-    return hvp_flat, flat.shape[0]
+from sme.hessian import hvp, make_flat_hvp  # noqa: F401  (they live in sme.hessian; re-exported here)
 
 
 def trace_h_sigma(hvp_flat: Callable, cov: Factored, *, chunk_size=None) -> jax.Array:
