@@ -40,8 +40,8 @@ from absl import logging
 
 from sme import config as config_lib
 from sme import distributed, io, lockstep, rng, runs
-from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, check_diffusion, draw_masks
-from sme.losses import check_closed_form
+from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, draw_masks
+from sme.problem import resolve_method
 from sme.train.state import init_state
 from sme.weak_error import replica_moments
 
@@ -50,20 +50,8 @@ SME_DIR = "sme"
 
 def resolve_methods(model, loss: str, diffusion: str, estimator: str, max_units: int = MAX_ENUMERATED_UNITS):
     """'auto' -> closed_form when it holds (MSE, readout-only dropout), else exact when 2**m is
-    small enough, else masks. Returns (diffusion, estimator)."""
-
-    def auto():
-        try:
-            check_closed_form(model, loss)
-            return "closed_form"
-        except ValueError:
-            pass
-        try:
-            check_diffusion(model, loss, "exact", max_units=max_units)
-            return "exact"
-        except ValueError:
-            return "masks"
-
+    small enough, else masks (`sme.problem.resolve_method`). Returns (diffusion, estimator)."""
+    auto = lambda: resolve_method(model, loss, max_units=max_units)
     return (auto() if diffusion == "auto" else diffusion), (auto() if estimator == "auto" else estimator)
 
 

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sme import io, losses, runs
+from sme import hessian, io, runs
 from sme.analyses import Context
-from sme.dropout import num_droppable_units
 
 
 # ----------------------------------------------------------------------------- settings
@@ -71,16 +70,7 @@ def resolve_loss_kind(kind: str, model, loss: str, max_units: int) -> str:
     last-layer dropout), else exact enumeration up to ``max_units`` droppable units
     (``modified_exact``), else the Monte Carlo L_S (``modified_mc``).
     """
-    if kind != "auto":
-        return kind
-    units = num_droppable_units(model.sites)
-    if units == 0:
-        return "risk"
-    try:
-        losses.check_closed_form(model, loss)
-        return "modified"
-    except ValueError:
-        return "modified_exact" if units <= max_units else "modified_mc"
+    return hessian.resolve_loss_kind(kind, model, loss, max_units=max_units)
 
 
 def param_dtype(params):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sme import losses
 from sme.dropout import ones_masks
 from sme.models import Model
+from sme.problem import has_closed_form
 
 # Examples per chunk when evaluating: bounds activation memory on large sets.
 EVAL_CHUNK = 2048
@@ -36,11 +38,7 @@ def _chunked_sum(fn, x, y):
 def make_evaluate(model: Model, loss: str, *, classification: bool):
     """Return ``evaluate(params_R, x_tr, y_tr, x_te, y_te) -> dict of (R,) arrays``."""
     loss_fn = losses.loss_fn(loss)
-    try:
-        losses.check_closed_form(model, loss)
-        closed_form = True
-    except ValueError:
-        closed_form = False
+    closed_form = has_closed_form(model, loss)
 
     def one(params, x_tr, y_tr, x_te, y_te):
         masks = ones_masks(model.sites, dtype=x_tr.dtype)
@@ -57,9 +55,8 @@ def make_evaluate(model: Model, loss: str, *, classification: bool):
         tr = _chunked_sum(stats, x_tr, y_tr) / x_tr.shape[0]
         te = _chunked_sum(stats, x_te, y_te) / x_te.shape[0]
         grads = jax.grad(train_risk)(params)
-        sq = lambda tree: sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(tree))
-        out = {"train/risk": tr[0], "test/risk": te[0], "params/norm": jnp.sqrt(sq(params)),
-               "grad/norm": jnp.sqrt(sq(grads))}
+        out = {"train/risk": tr[0], "test/risk": te[0], "params/norm": optax.tree.norm(params),
+               "grad/norm": optax.tree.norm(grads)}
         if classification:
             out["train/acc"], out["test/acc"] = tr[1], te[1]
         if closed_form:
