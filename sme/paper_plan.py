@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "P-E2": "configs.paper.p_e2",
     "Fashion": "configs.paper.fashion",
     "P-E1": "configs.paper.p_e1",
+    "P-E5-lr": "configs.paper.p_e5_lr",
 }
 TIMINGS = "timings.json"
 

@@ -526,3 +526,41 @@ def p_e1(out_dir: str, module, tiny: bool) -> dict:
                          for c in ("order1 error", "order1 floor", "ode1 error")]
     return {"status": "complete", "rows": rows, "notes": notes, "figures": figures,
             "tables": [{"title": "Weak errors at t = T", "columns": columns, "rows": table}]}
+
+
+def p_e5_lr(out_dir: str, module, tiny: bool) -> dict:
+    plan = module.get_plan(tiny)
+    steps = plan[0]["config"].train.num_steps
+    acc, curves = {o: [] for o in module.OBJECTIVES}, {}
+    for entry in plan:
+        final = finished_metrics(out_dir, entry["name"], steps)
+        if final is not None:
+            objective = entry["name"].split("/")[1].rsplit("_", 1)[0]
+            acc[objective].append(100 * final["test/acc"])
+            curves.setdefault(objective, []).append(metrics(out_dir, entry["name"]))
+    done = sum(len(v) for v in acc.values())
+    ci = {k: t_interval(v) for k, v in acc.items()}
+    gap, same = welch_interval(acc["dropout"], acc["rs"]), welch_interval(acc["l1"], acc["dropout"])
+    paper = module.PAPER
+    rows = [row(paper[k][0] + f" (eps {module.EPS:g}, step {steps})", paper[k][1], fmt_ci(ci[k], unit=" %"),
+                verdict_absolute(ci[k], paper[k][2])) for k in ("dropout", "l1", "rs")]
+    rows += [row(paper["gap"][0], paper["gap"][1], fmt_ci(gap, unit=" pp"), verdict_sign(gap, +1, 9.0)),
+             row(paper["l1_vs_dropout"][0], paper["l1_vs_dropout"][1], fmt_ci(same, unit=" pp"), verdict_equal(same, 1.0))]
+    cfg = plan[0]["config"]
+    notes = [f"As P-E5 at eps = {cfg.optim.lr:g}: {steps} full-batch GD steps (t = {steps * cfg.optim.lr:g}; not the "
+             "plateau), keep_prob 0.8, test on all 10,000 test images."]
+    figures = []
+    if curves:
+        plt, fig, axes = figure(1, 1, (5.0, 3.4))
+        labels = {"dropout": "dropout", "l1": "R_S + R_1", "rs": "R_S"}
+        for objective, runs in curves.items():
+            for i, run in enumerate(runs):
+                axes[0].plot([r["step"] for r in run], [100 * r["test/acc"] for r in run], color=f"C{list(labels).index(objective)}",
+                             label=f"{labels[objective]} ({len(runs)} seeds)" if i == 0 else None)
+        axes[0].axhline(88.5, color="gray", ls=":", lw=1, label="paper: dropout, R_S + R_1")
+        axes[0].axhline(79.0, color="gray", ls="--", lw=1, label="paper: R_S")
+        axes[0].set(xlabel="GD step", ylabel="test accuracy (%)", title=f"P-E5 at eps = {cfg.optim.lr:g}", ylim=(60, 93))
+        axes[0].legend(fontsize=7)
+        figures.append(save(plt, fig, out_dir, "paper_p_e5_lr_accuracy.png"))
+    return {"status": _status(done, len(plan)), "rows": rows, "notes": notes, "figures": figures,
+            "accuracy_pct": acc}

@@ -19,7 +19,7 @@ def test_only_selects_in_run_order_and_names_bad_experiments():
         paper.select("P-E5,P-E9")
 
 
-@pytest.mark.parametrize("name", ["P-E5", "P-E4", "P-E6", "P-E3", "P-E2", "Fashion", "P-E1"])
+@pytest.mark.parametrize("name", ["P-E5", "P-E4", "P-E6", "P-E3", "P-E2", "Fashion", "P-E1", "P-E5-lr"])
 def test_every_planned_config_validates_and_has_a_tiny_variant(name):
     from sme import config as config_lib
 
