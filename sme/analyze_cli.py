@@ -144,4 +144,5 @@ def main(argv):
 
 def run():
     """The ``sme-analyze`` console command (and ``python analyze.py``)."""
+    cli.show_in_help(sys.modules[__name__])
     app.run(main, flags_parser=cli.flags_parser)

@@ -114,6 +114,15 @@ def _resolve_config_args(argv):
     return out
 
 
+def show_in_help(*modules) -> None:
+    """Make the flags defined in ``modules`` (and the multi-process flags here) those ``--help`` lists: absl's
+    ``--help`` shows the flags of the program's main file, which for ``train.py``/``sme-train`` only imports them."""
+    fv = flags.FLAGS
+    for module in (*modules, sys.modules[__name__]):
+        for flag in fv.get_key_flags_for_module(module):
+            fv.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def flags_parser(argv):
     """An absl ``flags_parser`` that exits with one line (rc 2) on any parsing error."""
     try:

@@ -79,4 +79,5 @@ def main(argv):
 
 def run():
     """The ``sme-train`` console command (and ``python train.py``)."""
+    cli.show_in_help(sys.modules[__name__])
     app.run(main, flags_parser=cli.flags_parser)
