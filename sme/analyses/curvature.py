@@ -81,7 +81,7 @@ from sme import lanczos, losses, models
 from sme.analyses import Context, common, register
 from sme.analyses.common import (BySpec, batched, load_step_artifacts, pyplot, resolve_loss_kind, run_single,
                                  save_figure, step_axis, train_subset)
-from sme.dropout import sample_masks
+from sme.dropout import mask_shape, sample_masks
 
 _LOSS_DEFAULTS = dict(
     loss_kind="auto",  # auto | modified | modified_exact | modified_mc | risk | fixed_mask
@@ -180,11 +180,10 @@ def loss_keep_prob(model) -> float:
 def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype, model=None):
     """The frozen masks of `kind` (None when it needs none): see the module docstring."""
     model = model or ctx.model
-    per_sample = ctx.mask_mode == "per_sample"
     if kind == "modified_mc":
-        shape = (s["num_masks"], n) if per_sample else (s["num_masks"],)
+        shape = mask_shape(ctx.mask_mode, n, s["num_masks"])
     elif kind == "fixed_mask":
-        shape = (n,) if per_sample else ()
+        shape = mask_shape(ctx.mask_mode, n)
     else:
         return None
     return sample_masks(model.sites, key=jax.random.fold_in(key, 0), batch_shape=shape, dtype=dtype)

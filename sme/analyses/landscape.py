@@ -68,7 +68,7 @@ from jax.flatten_util import ravel_pytree
 from sme import landscape, losses
 from sme.analyses import Context, common, register
 from sme.analyses.common import BySpec, load_step_artifacts, pyplot, save_figure, train_subset
-from sme.dropout import sample_masks
+from sme.dropout import mask_shape, sample_masks
 
 FACTOR_NAMES = ("c2", "ce")  # suffixes of landscape.FACTORS = (2, e)
 OBJECTIVES = ("risk", "modified", "modified_mc")
@@ -129,7 +129,7 @@ def _objective(model, loss, mode, s, x, y, *, key):
     if s["objective"] == "modified":
         losses.check_closed_form(model, loss)
         return lambda p: losses.modified_loss(model, loss, p, x, y)
-    batch_shape = (s["num_loss_masks"],) if mode == "shared" else (s["num_loss_masks"], x.shape[0])
+    batch_shape = mask_shape(mode, x.shape[0], s["num_loss_masks"])
     masks = sample_masks(model.sites, key=key, batch_shape=batch_shape, dtype=x.dtype)
     # lax.map over masks: memory of one mask's forward pass even when vmapped over directions.
     return lambda p: jnp.mean(jax.lax.map(
@@ -147,7 +147,7 @@ def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
         if use_batch:
             idx = jax.random.choice(jax.random.fold_in(k, 1), x.shape[0], (n,), replace=False)
             xb, yb = x[idx], y[idx]
-        shape = () if mode == "shared" else (n,)
+        shape = mask_shape(mode, n)
         masks = (sample_masks(model.sites, key=k, batch_shape=shape, dtype=x.dtype) if use_masks else
                  tuple(jnp.ones((*shape, *site.shape), x.dtype) for site in model.sites))
         return ravel_pytree(grad(model, loss, params, xb, yb, masks, mode=mode))[0]

@@ -84,7 +84,7 @@ from sme import grads, hessian, relations
 from sme.analyses import Context, register
 from sme.analyses.common import (BySpec, batched, fill_settings, load_step_artifacts, pyplot, resolve_loss_kind,
                                  run_single, save_figure, step_axis, train_subset)
-from sme.dropout import sample_masks
+from sme.dropout import mask_shape, sample_masks
 
 COVARIANCE_DEFAULTS = dict(
     num_masks=64,  # K mask gradients for Sigma_K
@@ -276,7 +276,7 @@ def _alignment_plan(ctx: Context, key):
     kind = resolve_loss_kind(s["loss_kind"], ctx.model, ctx.loss, s["max_enumerated_units"])
     hmasks = None
     if kind == "modified_mc":
-        shape = (s["hessian_masks"],) if ctx.mask_mode == "shared" else (s["hessian_masks"], n)
+        shape = mask_shape(ctx.mask_mode, n, s["hessian_masks"])
         hmasks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 2), batch_shape=shape, dtype=x.dtype)
     sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
 

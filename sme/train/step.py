@@ -28,7 +28,7 @@ import optax
 
 from sme import rng
 from sme.data import batch_from_permutation, batch_indices, epoch_permutation
-from sme.dropout import sample_masks
+from sme.dropout import mask_shape, sample_masks
 from sme.models import Model
 
 
@@ -66,7 +66,7 @@ def make_replica_step(model: Model, objective_fn: Callable, optimizer: optax.Gra
                 idx = batch_from_permutation(perm, step, batch_size=batch_size)
             x, y = x[idx], y[idx]
         mask_key = rng.step_key(seed, rng.DROPOUT, step, replica=replica)
-        shape = (batch_size,) if mask_mode == "per_sample" else ()
+        shape = mask_shape(mask_mode, batch_size)
         masks = sample_masks(model.sites, key=mask_key, batch_shape=shape, dtype=x.dtype)
         loss, grads = jax.value_and_grad(objective_fn)(params, x, y, masks)
         updates, opt_state = optimizer.update(grads, opt_state, params)
