@@ -28,6 +28,7 @@ process 0 writes the artifacts and prints.
 
 import ast
 import sys
+import time
 
 from absl import app, flags
 
@@ -74,7 +75,8 @@ def main(argv):
     cli.initialize_distributed()  # before any JAX computation
     from sme import io, runs
     from sme.analyses import load_all
-    from sme.analyses.runner import AnalysisError, Request, analyse_run, check_request, read_config, run_settings
+    from sme.analyses.runner import (AnalysisError, Progress, Request, analyse_run, check_request, read_config,
+                                     run_settings)
     from sme.config import ConfigError
 
     if _LIST.value:
@@ -112,12 +114,15 @@ def main(argv):
                                               _BATCH_SIZE.value))
             check_request(requests[workdir][1])
         failed = False
+        progress = Progress("run", len(requests), first="first run with compilation")
         for workdir, (cfg, request) in requests.items():
             if cfg.train.dtype == "float64":
                 import jax
 
                 jax.config.update("jax_enable_x64", True)
+            tic = time.time()
             summary = analyse_run(workdir, request)
+            progress.update(1, time.time() - tic, f" ({workdir})")
             if not distributed.is_writer():  # process 0 writes and reports
                 continue
             if "log" in cfg and cfg.log.tensorboard:  # the run logs to TensorBoard: add the analysis scalars

@@ -185,8 +185,8 @@ class Progress:
     seconds per item since then and the ETA of the rest (as `sme.train.loop` does for steps).
     """
 
-    def __init__(self, what: str, total: int, *, log=logging.info):
-        self.what, self.total, self.done, self.log = what, total, 0, log
+    def __init__(self, what: str, total: int, *, log=logging.info, first: str = "first call with compilation"):
+        self.what, self.total, self.done, self.log, self.first = what, total, 0, log, first
         self.compile_secs: float | None = None
         self.rate_items, self.rate_secs = 0, 0.0
 
@@ -194,7 +194,7 @@ class Progress:
         self.done += count
         if self.compile_secs is None:
             self.compile_secs = seconds
-            speed = f"first call with compilation {seconds:.1f}s"
+            speed = f"{self.first} {seconds:.1f}s"
         else:
             self.rate_items, self.rate_secs = self.rate_items + count, self.rate_secs + seconds
             per_item = self.rate_secs / self.rate_items
