@@ -1,13 +1,68 @@
+"""Shared fixtures: float64 (``x64``), keys and tiny problems built by ``sme.testing``.
+
+A module whose every test runs in float64 says so once::
+
+    pytestmark = pytest.mark.usefixtures("x64")
+
+and a single test asks for the ``x64`` fixture. The problem fixtures are float64 and have
+module scope: a module's tests share one problem (same shapes, so jitted functions compile once).
+"""
+
 import os
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from sme import testing  # noqa: E402
+
 
 @pytest.fixture
 def root():
     return ROOT
+
+
+@pytest.fixture
+def x64():
+    """Float64 for the duration of one test (JAX's ``enable_x64`` context, restored afterwards)."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def key():
+    """The test's base PRNG key; derive others with ``jax.random.split``/``fold_in``."""
+    return jax.random.key(0)
+
+
+@pytest.fixture
+def keys():
+    """``keys(n)``: n independent keys split from ``jax.random.key(0)``."""
+    return lambda n: jax.random.split(jax.random.key(0), n)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+    """(model, params, x, y): an MLP 3 -> (5, 4) -> 3, tanh, keep_prob 0.7, 7 examples, float64."""
+    with jax.enable_x64(True):
+        return testing.mlp_problem()
+
+
+@pytest.fixture(scope="module")
+def two_layer_net():
+    """(model, params, x, y): the two-layer net 2 -> 3 -> 1, keep_prob 0.6, 5 examples, float64."""
+    with jax.enable_x64(True):
+        return testing.two_layer_problem()
+
+
+@pytest.fixture(scope="module")
+def problem(tiny_mlp):
+    """``tiny_mlp`` as a ``Problem`` bundle (mse, shared masks) with its params: (problem, params)."""
+    from sme.diffusion import Problem
+
+    model, params, x, y = tiny_mlp
+    return Problem(model, "mse", "shared", x, y), params

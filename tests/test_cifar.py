@@ -7,41 +7,11 @@ import pytest
 
 from sme import cifar
 from sme import data as data_lib
+from sme import testing
 
 
-def _images(n, offset):
-    """Distinct uint8 images: pixel (r, c, ch) of image i = (7r + 3c + 50ch + 11(i + offset)) mod 256."""
-    i, r, c, ch = np.meshgrid(np.arange(n) + offset, np.arange(32), np.arange(32), np.arange(3), indexing="ij")
-    return ((7 * r + 3 * c + 50 * ch + 11 * i) % 256).astype(np.uint8)
-
-
-def _record_bytes(image, labels):
-    """One record as the CIFAR page describes it: label byte(s), then the R, G, B planes, rows in order."""
-    out = bytearray(labels)
-    for ch in range(3):
-        for r in range(32):
-            for c in range(32):
-                out.append(int(image[r, c, ch]))
-    return bytes(out)
-
-
-def _write(path, images, labels):
-    with open(path, "wb") as f:
-        for image, label in zip(images, labels):
-            f.write(_record_bytes(image, label))
-
-
-def write_cifar10(directory, per_batch=2, num_test=3):
-    os.makedirs(directory, exist_ok=True)
-    truth = {"train": [], "test": []}
-    for b in range(1, 6):
-        images, labels = _images(per_batch, 10 * b), [(b + k) % 10 for k in range(per_batch)]
-        _write(os.path.join(directory, f"data_batch_{b}.bin"), images, [[lab] for lab in labels])
-        truth["train"].append((images, labels))
-    images, labels = _images(num_test, 100), [k % 10 for k in range(num_test)]
-    _write(os.path.join(directory, "test_batch.bin"), images, [[lab] for lab in labels])
-    truth["test"].append((images, labels))
-    return {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in truth.items()}
+_images, _record_bytes, _write = testing.cifar_images, testing.cifar_record, testing.write_cifar_file
+write_cifar10 = testing.write_cifar10
 
 
 def test_cifar10_pixels_labels_and_order(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from configs import base, cifar_resnet20, cifar_vgg9
 from sme import config as config_lib
 from sme import io, tensorboard
-from tests.test_cifar import _images, _write, write_cifar10
+from sme.testing import cifar_images, write_cifar10, write_cifar_file
 
 TINY_VGG = ["--config.model.channels=(4,4,8,8,8,8)", "--config.model.hidden=(16,16)"]
 
@@ -68,7 +68,7 @@ def test_cifar_configs_build_their_flax_models(tmp_path):
     write_cifar10(str(tmp_path / "c10"))
     (tmp_path / "c100").mkdir()
     for split, n in (("train", 4), ("test", 2)):
-        _write(str(tmp_path / "c100" / f"{split}.bin"), _images(n, 0), [(1, 42 + k) for k in range(n)])
+        write_cifar_file(str(tmp_path / "c100" / f"{split}.bin"), cifar_images(n, 0), [(1, 42 + k) for k in range(n)])
     configs = {}
     for module, variant, path, classes, sites in ((cifar_vgg9, "cifar10", "c10", 10, 5),
                                                   (cifar_resnet20, "cifar100", "c100", 100, 4)):

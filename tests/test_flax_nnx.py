@@ -40,28 +40,28 @@ def _pair():
     return builtin, net, params, copied
 
 
+@pytest.mark.usefixtures("x64")
 def test_nnx_mlp_matches_builtin():
-    with jax.enable_x64(True):
-        builtin, net, params, copied = _pair()
-        assert [(s.name, s.shape, s.keep_prob) for s in net.sites] == [("drop_0", (3,), 0.6), ("drop_1", (2,), 0.6)]
-        assert net.out_dim == 2
-        x = jax.random.normal(jax.random.key(3), (4, 3), jnp.float64)
-        y = jax.nn.softmax(jax.random.normal(jax.random.key(4), (4, 2), jnp.float64))
-        masks = dropout.sample_masks(net.sites, key=jax.random.key(5), batch_shape=(4,), dtype=jnp.float64)
-        run = jax.jit(models.batch_apply, static_argnums=0, static_argnames="mode")
-        np.testing.assert_allclose(run(net, copied, x, masks, mode="per_sample"),
-                                   run(builtin, params, x, masks, mode="per_sample"), rtol=RTOL, atol=ATOL)
-        grad = lambda model, p: jax.jit(jax.grad(losses.make_objective(
-            "dropout", model, "cross_entropy", mode="per_sample", lr=0.1)))(p, x, y, masks)
-        g_b, g_n = grad(builtin, params), grad(net, copied)
-        for name, layer in zip(("dense_0", "dense_1", "out"), [*g_b["hidden"], g_b["out"]]):
-            np.testing.assert_allclose(g_n[name]["kernel"][...], layer["w"], rtol=RTOL, atol=ATOL)
-            np.testing.assert_allclose(g_n[name]["bias"][...], layer["b"], rtol=RTOL, atol=ATOL)
-        # The raveled parameter orders differ, so the exact Sigma is compared by its spectrum.
-        sigma = jax.jit(lambda model, p: cv.dense(cv.exact_mask_covariance(model, "cross_entropy", p, x, y,
-                                                                           mode="shared")), static_argnums=0)
-        np.testing.assert_allclose(np.linalg.eigvalsh(sigma(net, copied)), np.linalg.eigvalsh(sigma(builtin, params)),
-                                   atol=1e-10)
+    builtin, net, params, copied = _pair()
+    assert [(s.name, s.shape, s.keep_prob) for s in net.sites] == [("drop_0", (3,), 0.6), ("drop_1", (2,), 0.6)]
+    assert net.out_dim == 2
+    x = jax.random.normal(jax.random.key(3), (4, 3), jnp.float64)
+    y = jax.nn.softmax(jax.random.normal(jax.random.key(4), (4, 2), jnp.float64))
+    masks = dropout.sample_masks(net.sites, key=jax.random.key(5), batch_shape=(4,), dtype=jnp.float64)
+    run = jax.jit(models.batch_apply, static_argnums=0, static_argnames="mode")
+    np.testing.assert_allclose(run(net, copied, x, masks, mode="per_sample"),
+                               run(builtin, params, x, masks, mode="per_sample"), rtol=RTOL, atol=ATOL)
+    grad = lambda model, p: jax.jit(jax.grad(losses.make_objective(
+        "dropout", model, "cross_entropy", mode="per_sample", lr=0.1)))(p, x, y, masks)
+    g_b, g_n = grad(builtin, params), grad(net, copied)
+    for name, layer in zip(("dense_0", "dense_1", "out"), [*g_b["hidden"], g_b["out"]]):
+        np.testing.assert_allclose(g_n[name]["kernel"][...], layer["w"], rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(g_n[name]["bias"][...], layer["b"], rtol=RTOL, atol=ATOL)
+    # The raveled parameter orders differ, so the exact Sigma is compared by its spectrum.
+    sigma = jax.jit(lambda model, p: cv.dense(cv.exact_mask_covariance(model, "cross_entropy", p, x, y,
+                                                                       mode="shared")), static_argnums=0)
+    np.testing.assert_allclose(np.linalg.eigvalsh(sigma(net, copied)), np.linalg.eigvalsh(sigma(builtin, params)),
+                               atol=1e-10)
 
 
 def test_nnx_refusals():

@@ -1,0 +1,135 @@
+"""Builders for tests: matrices with a prescribed spectrum, tiny problems, CIFAR-format files.
+
+Every builder is deterministic in its ``seed``, so a test that uses one is the same run every
+time. Expected values in tests come from what a builder prescribes (a spectrum, an orthogonal
+basis) or from dense references, never from the code under test.
+
+Float64 problems need x64 switched on (the ``x64`` fixture of ``tests/conftest.py``):
+``dtype=jnp.float64`` would silently be float32 otherwise, which :func:`mlp_problem` refuses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sme import models
+
+# Test spectra of 120 eigenvalues (those of matfree's tests): a linear ramp (small relative
+# gaps at the top), a geometric decay, and a flat block then a cliff (two clusters).
+SPECTRA = {
+    "ramp": np.linspace(120.0, 1.0, 120),
+    "geometric": 0.7 ** np.arange(120),
+    "flat_then_cliff": np.r_[np.ones(50), np.full(70, 1e-3)],
+}
+
+
+def orthogonal(dim: int, seed: int = 0) -> np.ndarray:
+    """A random (dim, dim) orthogonal matrix: Q of the QR of a Gaussian matrix (NumPy, float64)."""
+    if dim < 1:
+        raise ValueError(f"orthogonal: dim must be >= 1, got {dim}")
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, dim)))
+    return q
+
+
+def matrix_with_spectrum(eigenvalues, seed: int = 0) -> np.ndarray:
+    """The symmetric matrix Q diag(eigenvalues) Q^T for Q = ``orthogonal(len(eigenvalues), seed)``.
+
+    NumPy float64. Its eigenvalues are ``eigenvalues`` up to rounding (~1e-15 relative to the
+    largest), and column i of Q is the eigenvector of ``eigenvalues[i]``.
+    """
+    lam = np.asarray(eigenvalues, np.float64)
+    if lam.ndim != 1 or lam.size == 0:
+        raise ValueError(f"matrix_with_spectrum: eigenvalues must be a non-empty vector, got shape {lam.shape}")
+    q = orthogonal(lam.size, seed)
+    return (q * lam) @ q.T
+
+
+def quadratic(dim: int, seed: int = 0, loss0: float = 0.3, *, low: float = 0.05, high: float = 20.0):
+    """L(theta) = 1/2 theta^T A theta + loss0 with A's eigenvalues geometric in [low, high].
+
+    Returns ``(loss_fn, a, q, eigenvalues)`` with ``a = q diag(eigenvalues) q^T`` (NumPy) and
+    ``loss_fn`` a JAX function of a flat vector.
+    """
+    eig = np.geomspace(low, high, dim)
+    q = orthogonal(dim, seed)
+    a = (q * eig) @ q.T
+    a_jax = jnp.asarray(a)
+    return (lambda theta: 0.5 * theta @ a_jax @ theta + loss0), a, q, eig
+
+
+def mlp_problem(name: str = "mlp", *, in_dim: int = 3, hidden=(5, 4), out_dim: int = 3, n: int = 7,
+                keep_prob: float = 0.7, activation: str = "tanh", targets: str = "normal", seed: int = 1,
+                dtype=jnp.float64, **model_kwargs):
+    """A tiny built-in ``mlp`` or ``two_layer`` with Gaussian inputs: ``(model, params, x, y)``.
+
+    ``params`` come from ``jax.random.key(seed)``, ``x`` and the targets from keys ``seed + 1``
+    and ``seed + 2``. ``targets``: ``"normal"`` (regression), ``"softmax"`` (soft labels, for
+    cross-entropy) or ``"one_hot"`` (hard labels). Other keywords go to ``models.make_model``.
+    """
+    if targets not in ("normal", "softmax", "one_hot"):
+        raise ValueError(f"mlp_problem: targets must be 'normal', 'softmax' or 'one_hot', got {targets!r}")
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("mlp_problem: float64 needs x64 switched on (the x64 fixture, or jax.enable_x64(True))")
+    model = models.make_model(name, in_dim=in_dim, hidden=tuple(hidden), out_dim=out_dim, keep_prob=keep_prob,
+                              activation=activation, **model_kwargs)
+    params = model.init(jax.random.key(seed), dtype=dtype)
+    x = jax.random.normal(jax.random.key(seed + 1), (n, in_dim), dtype)
+    k = jax.random.key(seed + 2)
+    if targets == "normal":
+        y = jax.random.normal(k, (n, out_dim), dtype)
+    elif targets == "softmax":
+        y = jax.nn.softmax(jax.random.normal(k, (n, out_dim), dtype))
+    else:
+        y = jax.nn.one_hot(jax.random.randint(k, (n,), 0, out_dim), out_dim, dtype=dtype)
+    return model, params, x, y
+
+
+def two_layer_problem(keep_prob: float = 0.6, *, in_dim: int = 2, width: int = 3, n: int = 5, seed: int = 1,
+                      dtype=jnp.float64):
+    """The papers' two-layer net (tanh hidden layer with dropout, no biases, scalar output): ``(model, params, x, y)``."""
+    return mlp_problem("two_layer", in_dim=in_dim, hidden=(width,), out_dim=1, n=n, keep_prob=keep_prob,
+                       seed=seed, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- CIFAR binary files
+
+
+def cifar_images(n: int, offset: int) -> np.ndarray:
+    """Distinct uint8 images: pixel (r, c, ch) of image i = (7r + 3c + 50ch + 11(i + offset)) mod 256."""
+    i, r, c, ch = np.meshgrid(np.arange(n) + offset, np.arange(32), np.arange(32), np.arange(3), indexing="ij")
+    return ((7 * r + 3 * c + 50 * ch + 11 * i) % 256).astype(np.uint8)
+
+
+def cifar_record(image, labels) -> bytes:
+    """One record as the CIFAR page describes it: label byte(s), then the R, G, B planes, rows in order."""
+    out = bytearray(labels)
+    for ch in range(3):
+        for r in range(32):
+            for c in range(32):
+                out.append(int(image[r, c, ch]))
+    return bytes(out)
+
+
+def write_cifar_file(path: str, images, labels) -> None:
+    """Write one CIFAR binary file: ``labels[i]`` is the list of label bytes of ``images[i]``."""
+    with open(path, "wb") as f:
+        for image, label in zip(images, labels):
+            f.write(cifar_record(image, label))
+
+
+def write_cifar10(directory: str, per_batch: int = 2, num_test: int = 3) -> dict:
+    """The five CIFAR-10 training batches and the test batch, tiny; returns {split: (images, labels)}."""
+    os.makedirs(directory, exist_ok=True)
+    truth = {"train": [], "test": []}
+    for b in range(1, 6):
+        images, labels = cifar_images(per_batch, 10 * b), [(b + k) % 10 for k in range(per_batch)]
+        write_cifar_file(os.path.join(directory, f"data_batch_{b}.bin"), images, [[lab] for lab in labels])
+        truth["train"].append((images, labels))
+    images, labels = cifar_images(num_test, 100), [k % 10 for k in range(num_test)]
+    write_cifar_file(os.path.join(directory, "test_batch.bin"), images, [[lab] for lab in labels])
+    truth["test"].append((images, labels))
+    return {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in truth.items()}
