@@ -71,7 +71,7 @@ from sme.analyses.common import BySpec, load_step_artifacts, pyplot, save_figure
 from sme.dropout import mask_shape, sample_masks
 
 FACTOR_NAMES = ("c2", "ce")  # suffixes of landscape.FACTORS = (2, e)
-OBJECTIVES = ("risk", "modified", "modified_mc")
+OBJECTIVES = landscape.OBJECTIVES  # risk, modified, modified_mc (sme.landscape.problem_loss)
 NOISES = ("dropout", "minibatch", "dropout_minibatch")
 
 _SEARCH_DEFAULTS = dict(
