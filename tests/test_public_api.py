@@ -6,6 +6,8 @@ import contextlib
 import io
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,12 @@ def test_import_sme_exposes_the_core_api():
     assert grads.draw_masks is problem.draw_masks is sme.draw_masks  # one mask-drawing function
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         sme.nonexistent  # noqa: B018
+
+
+def test_import_sme_imports_nothing_until_used():
+    code = ("import sys, sme; assert 'jax' not in sys.modules and 'sme.hessian' not in sys.modules; "
+            "sme.hvp; assert 'sme.hessian' in sys.modules and 'hvp' in dir(sme)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_allowed_values_have_one_source():
