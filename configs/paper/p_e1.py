@@ -15,7 +15,7 @@ approximation of order 1, the weak error falls in proportion to eps, and the dif
 Grids and budget (2 CPU cores shared with ~5 other jobs), fixed before the run: eps in
 {0.2, 0.1, 0.05}, SME time T = 0.8 (4, 8, 16 steps), R = 128 replicas in 16 groups (the bootstrap
 runs over groups), test functions: the 10 outputs of 3 test images and the loss (the analysis'
-defaults), logged at 4 times. The Monte Carlo floor of each weak error is its standard error
+defaults), logged at 4 times and read at t = 0.4 and T. The Monte Carlo floor of each weak error is its standard error
 (`sme.weak_error`: floor = se of the difference of replica means); with R = 256 and
 `coupling = variants` (the SMEs share one Brownian path; the discrete masks are independent of it)
 the floor is about sd(g) sqrt(2/R), so errors below it are not resolved, and the order fit uses
@@ -68,4 +68,6 @@ def get_config(variant: str = "default"):
 
 def get_plan(tiny: bool = False) -> list[dict]:
     """One sweep (3 eps x 1 keep_prob) and its weak-error analysis."""
-    return [dict(name="p_e1/sweep", config=get_config("default,tiny" if tiny else "default"), analyses=("weak_error",))]
+    cfg = get_config("default,tiny" if tiny else "default")
+    return [dict(name="p_e1/sweep", config=cfg, analyses=("weak_error",),
+                 settings=dict(weak_error=cfg.analysis.weak_error.to_dict()))]
