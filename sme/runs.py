@@ -41,7 +41,7 @@ import numpy as np
 
 from sme import config as config_lib
 from sme import distributed, io
-from sme.distributed import to_host  # noqa: F401  (the gather that pairs with shard_leading)
+from sme.distributed import barrier, to_host  # noqa: F401  (re-exported for the drivers)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -62,7 +62,8 @@ def versions() -> dict:
     return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__
             if hasattr(jax.lib, "__version__") else jax.__version__, "optax": optax.__version__,
             "flax": flax.__version__, "numpy": np.__version__, "sme": __import__("sme").__version__,
-            "backend": jax.default_backend(), "devices": jax.device_count()}
+            "backend": jax.default_backend(), "devices": jax.device_count(),
+            "processes": jax.process_count()}
 
 
 def config_path(workdir: str) -> str:

@@ -17,6 +17,7 @@ import glob
 import os
 import struct
 
+import jax
 import numpy as np
 
 SUBDIR = "tensorboard"
@@ -66,7 +67,7 @@ def open_writer(workdir: str, *, enabled: bool, resume_step: int | None = None):
     Raises:
       sme.config.ConfigError: one line naming the extra to install, when enabled without tensorboardX.
     """
-    if not enabled:
+    if not enabled or jax.process_index() != 0:  # a multi-process run: process 0 writes (sme.distributed)
         return _Null()
     try:
         from tensorboardX import SummaryWriter

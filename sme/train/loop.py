@@ -166,6 +166,7 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
             workdir, cfg, num_params=int(sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(state.params))),
             num_train=ds.num_train, num_test=len(ds.x_test))
         io.remove(metrics_path)
+    runs.barrier("resume point written")  # the other processes read metrics.jsonl as process 0 left it
     state = runs.shard_leading(state)
     board = tensorboard.open_writer(workdir, enabled="log" in cfg and bool(cfg.log.tensorboard),
                                     resume_step=None if resumed is None else resumed[0])  # off: does nothing
