@@ -545,9 +545,12 @@ def p_e1(out_dir: str, module, tiny: bool) -> dict:
     figures = []
     plt, fig, axes = figure(1, 1, (5.0, 3.4))
     for v, color in (("order1", "C0"), ("ode1", "C3")):
-        axes[0].loglog(lrs, np.asarray(a[f"{v}/error"])[:, -1, j], "o-", color=color, label=f"{v} error ({names[j]})")
+        raw, err = np.asarray(a[f"{v}/raw"])[:, -1, j], np.asarray(a[f"{v}/error"])[:, -1, j]
+        err = np.where(err > np.asarray(a[f"{v}/floor"])[:, -1, j], err, 0.0)  # resolved above the floor
+        axes[0].loglog(lrs, raw, "-", color=color, label=f"{v} |E g - E g_discrete| ({names[j]}; hollow: below floor)")
+        axes[0].scatter(lrs, raw, color=[color if e > 0 else "white" for e in err], edgecolors=color, zorder=3)
         axes[0].loglog(lrs, np.asarray(a[f"{v}/floor"])[:, -1, j], ":", color=color, label=f"{v} MC floor")
-    axes[0].loglog(lrs, np.asarray(a["order1/error"])[small, -1, j] * lrs / lrs[small], "--", color="gray",
+    axes[0].loglog(lrs, np.asarray(a["ode1/raw"])[small, -1, j] * lrs / lrs[small], "--", color="gray",
                    lw=0.8, label="slope 1")
     axes[0].set(xlabel="eps", ylabel=f"weak error of {names[j]} at t = T", title="P-E1: SME weak error, MNIST-1k")
     axes[0].legend(fontsize=7)
