@@ -59,6 +59,9 @@ _WORKER = textwrap.dedent("""
     cfg.train.checkpoint_every = 10
     cfg.train.checkpoint_steps = "0,10"
     record = driver.run(cfg, workdir)
+    if os.environ.get("WORKER_ANALYSE", "1") == "0":
+        print(json.dumps({"process": jax.process_index(), "step": record["step"], "writes": writes}))
+        sys.exit(0)
     small = {"hessian": {"order": 12, "top_k": 3, "bottom_k": 0, "num_probes": 4, "num_examples": 100}}
     run_cfg = read_config(workdir)
     # steps 0, 10, 20 of replica 0: one vmapped call, padded to 4 items, one per device of the mesh
@@ -74,9 +77,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(script, workdir, devices, args):
+def _start(script, workdir, devices, args, analyse=True):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "WORKER_ANALYSE": str(int(analyse))}
     return subprocess.Popen([sys.executable, str(script), str(workdir), *args], cwd=os.path.dirname(workdir),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -105,10 +108,7 @@ def test_two_processes_equal_one(tmp_path):
     (tmp_path / "multi").mkdir()
     (tmp_path / "single").mkdir()
     multi, single = tmp_path / "multi" / "run", tmp_path / "single" / "run"
-    port = _free_port()
-    procs = [_start(script, multi, 2, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                       f"--process_id={i}"]) for i in range(2)]
-    procs.append(_start(script, single, 4, []))
+    procs = _two(script, multi) + [_start(script, single, 4, [])]
     (p0, err0), (p1, _), (ref, _) = _finish(procs)
 
     assert (p0["process"], p1["process"], p0["processes"], ref["processes"]) == (0, 1, 2, 1)
@@ -139,6 +139,33 @@ def test_two_processes_equal_one(tmp_path):
     summary = io.read_json(multi / "analysis" / "summary.json")
     assert summary == io.read_json(single / "analysis" / "summary.json")
     assert set(summary["hessian"]) == {"0", "10", "20"}
+
+
+def _two(script, workdir, analyse=True):
+    port = _free_port()
+    return [_start(script, workdir, 2, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                        f"--process_id={i}"], analyse) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_like_one(tmp_path):
+    """A 2-process run resumed from its step-10 checkpoint ends as an uninterrupted 1-process run (the processes
+    read metrics.jsonl only after process 0 truncated it, so they evaluate and gather at the same steps)."""
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    (tmp_path / "multi").mkdir()
+    (tmp_path / "single").mkdir()
+    multi, single = tmp_path / "multi" / "run", tmp_path / "single" / "run"
+    _finish(_two(script, multi, analyse=False) + [_start(script, single, 4, [], analyse=False)])
+    os.remove(io.checkpoint_path(multi, 20))
+    (p0, _), (p1, _) = _finish(_two(script, multi, analyse=False))
+    assert (p0["step"], p1["step"], p1["writes"]) == (20, 20, [])
+    want, got = io.read_checkpoint(io.checkpoint_path(single, 20)), io.read_checkpoint(io.checkpoint_path(multi, 20))
+    for name in want:  # exact, as in test_two_processes_equal_one
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    drop = ("time", "steps_per_sec")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in drop} for r in records]  # noqa: E731
+    assert strip(io.read_jsonl(multi / "metrics.jsonl")) == strip(io.read_jsonl(single / "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("args, message", [
