@@ -84,6 +84,8 @@ def main(argv):
 
         print(describe(load_all()))
         return
+    if _REPRODUCE.value and distributed.multi_process():
+        cli.fail(ValueError("--reproduce runs in one process; drop the multi-process flags"), 2)
     if _REPRODUCE.value in ("paper", "paper_tiny"):
         from sme.paper import PaperError, run_paper
 

@@ -228,6 +228,8 @@ def shard_leading(tree, axis: str = "replica"):
     def place(leaf):
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys
             return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # already global: reshard
+            return jax.device_put(leaf, split if leaf.ndim else whole)
         host = np.asarray(jax.device_get(leaf))
         return jax.make_array_from_callback(host.shape, split if host.ndim else whole, lambda index: host[index])
 
