@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sme import diffusion, dropout, losses, models
+from sme import diffusion, dropout, losses, models, testing
+
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
 
 RTOL = 1e-10
 
@@ -28,10 +30,7 @@ ARCHS = {
 def _problem(arch, mode, *, n=7, out=3, loss="mse"):
     kw = dict(ARCHS[arch])
     keep_prob = kw.pop("keep_prob", 0.7)
-    model = models.make_model("mlp", in_dim=4, out_dim=out, keep_prob=keep_prob, activation="tanh", **kw)
-    params = model.init(jax.random.key(1), dtype=jnp.float64)
-    x = jax.random.normal(jax.random.key(2), (n, 4), jnp.float64)
-    y = jax.random.normal(jax.random.key(3), (n, out), jnp.float64)
+    model, params, x, y = testing.mlp_problem(in_dim=4, out_dim=out, n=n, keep_prob=keep_prob, **kw)
     return diffusion.Problem(model, loss, mode, x, y), params
 
 
@@ -55,32 +54,30 @@ def _close(a, b):
 @pytest.mark.parametrize("mode", ["shared", "per_sample"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_mask_outputs_and_weighted_gradients_equal_the_per_mask_computation(arch, mode):
-    with jax.enable_x64(True):
-        problem, params = _problem(arch, mode, loss="cross_entropy" if arch == "both" else "mse")
-        masks = diffusion.draw_masks(problem, key=jax.random.key(4), num_masks=5)
-        shared = mode == "shared"
-        outs = models.mlp_mask_outputs(problem.model.spec, params, problem.x, masks, shared=shared)
-        axis = None if shared else 0
-        want = jax.vmap(lambda m: jax.vmap(problem.model.apply, in_axes=(None, 0, axis))(params, problem.x, m))(masks)
-        assert outs.shape == want.shape == (5, 7, 3)
-        _close(outs, want)
-        _close(diffusion.mask_risks(problem, params, masks), _unshared_risks(problem, params, masks))
-        # The step's gradient is sum_k w_k grad R^drop(eta_k): mask-weighted errors summed before
-        # the outer product in the shared path, one gradient per mask in the reference.
-        w = jnp.linspace(-1.0, 2.0, 5, dtype=jnp.float64)
-        got, ref = jax.jit(lambda p: (jax.grad(lambda q: w @ diffusion.mask_risks(problem, q, masks))(p),
-                                      jax.grad(lambda q: w @ _unshared_risks(problem, q, masks))(p)))(params)
-        _close(ravel_pytree(got)[0], ravel_pytree(ref)[0])
+    problem, params = _problem(arch, mode, loss="cross_entropy" if arch == "both" else "mse")
+    masks = diffusion.draw_masks(problem, key=jax.random.key(4), num_masks=5)
+    shared = mode == "shared"
+    outs = models.mlp_mask_outputs(problem.model.spec, params, problem.x, masks, shared=shared)
+    axis = None if shared else 0
+    want = jax.vmap(lambda m: jax.vmap(problem.model.apply, in_axes=(None, 0, axis))(params, problem.x, m))(masks)
+    assert outs.shape == want.shape == (5, 7, 3)
+    _close(outs, want)
+    _close(diffusion.mask_risks(problem, params, masks), _unshared_risks(problem, params, masks))
+    # The step's gradient is sum_k w_k grad R^drop(eta_k): mask-weighted errors summed before
+    # the outer product in the shared path, one gradient per mask in the reference.
+    w = jnp.linspace(-1.0, 2.0, 5, dtype=jnp.float64)
+    got, ref = jax.jit(lambda p: (jax.grad(lambda q: w @ diffusion.mask_risks(problem, q, masks))(p),
+                                  jax.grad(lambda q: w @ _unshared_risks(problem, q, masks))(p)))(params)
+    _close(ravel_pytree(got)[0], ravel_pytree(ref)[0])
 
 
 def test_loss_table_of_enumerated_masks_equals_per_mask_forwards():
-    with jax.enable_x64(True):
-        problem, params = _problem("both", "shared")
-        masks, _, _ = diffusion.enumerated_law(problem.model.sites, jnp.float64)
-        lf = losses.loss_fn("mse")
-        want = jax.vmap(lambda m: jax.vmap(lambda xi, yi: lf(problem.model.apply(params, xi, m), yi))(
-            problem.x, problem.y))(masks)
-        _close(diffusion.loss_table(problem, params, masks), want)
+    problem, params = _problem("both", "shared")
+    masks, _, _ = diffusion.enumerated_law(problem.model.sites, jnp.float64)
+    lf = losses.loss_fn("mse")
+    want = jax.vmap(lambda m: jax.vmap(lambda xi, yi: lf(problem.model.apply(params, xi, m), yi))(
+        problem.x, problem.y))(masks)
+    _close(diffusion.loss_table(problem, params, masks), want)
 
 
 def _phi_sample(problem, params, noise):
@@ -109,23 +106,22 @@ def _phi_sample(problem, params, noise):
 @pytest.mark.parametrize("mode", ["shared", "per_sample"])
 def test_closed_form_gram_potential_equals_the_feature_form_and_its_derivative(mode):
     # m = 16 readout units: 2**16 masks, beyond enumeration; the feature form is the reference.
-    with jax.enable_x64(True):
-        model = models.make_model("mlp", in_dim=4, hidden=(8, 16), out_dim=3, keep_prob=0.7, activation="tanh",
-                                  dropout_layers=(1,))
-        params = model.init(jax.random.key(1), dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(2), (6, 4), jnp.float64)
-        y = jax.random.normal(jax.random.key(3), (6, 3), jnp.float64)
-        problem = diffusion.Problem(model, "mse", mode, x, y)
-        noise = diffusion.sample_noise(problem, "closed_form", key=jax.random.key(5), num_masks=0)
-        ours = lambda p: diffusion.diffusion_sample(problem, "closed_form", p, noise)
-        theirs = lambda p: _phi_sample(problem, p, noise)
-        # Derivative of sigma xi in theta (the r2 drift differentiates ||sigma xi||^2).
-        sq = lambda fn: jax.grad(lambda p: sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(fn(p))))
-        flat = lambda t: ravel_pytree(t)[0]
-        got, want = jax.jit(lambda p: ((flat(ours(p)), flat(sq(ours)(p))), (flat(theirs(p)), flat(sq(theirs)(p)))))(
-            params)
-        _close(got[0], want[0])
-        _close(got[1], want[1])
+    model = models.make_model("mlp", in_dim=4, hidden=(8, 16), out_dim=3, keep_prob=0.7, activation="tanh",
+                              dropout_layers=(1,))
+    params = model.init(jax.random.key(1), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(2), (6, 4), jnp.float64)
+    y = jax.random.normal(jax.random.key(3), (6, 3), jnp.float64)
+    problem = diffusion.Problem(model, "mse", mode, x, y)
+    noise = diffusion.sample_noise(problem, "closed_form", key=jax.random.key(5), num_masks=0)
+    ours = lambda p: diffusion.diffusion_sample(problem, "closed_form", p, noise)
+    theirs = lambda p: _phi_sample(problem, p, noise)
+    # Derivative of sigma xi in theta (the r2 drift differentiates ||sigma xi||^2).
+    sq = lambda fn: jax.grad(lambda p: sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(fn(p))))
+    flat = lambda t: ravel_pytree(t)[0]
+    got, want = jax.jit(lambda p: ((flat(ours(p)), flat(sq(ours)(p))), (flat(theirs(p)), flat(sq(theirs)(p)))))(
+        params)
+    _close(got[0], want[0])
+    _close(got[1], want[1])
 
 
 def test_masks_at_non_droppable_sites_are_ones():

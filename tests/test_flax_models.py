@@ -82,91 +82,91 @@ def _data(in_dim, n=5, out_dim=2, seed=3):
 
 
 @pytest.mark.parametrize("pair", [_mlp_pair, _cnn_pair])
+@pytest.mark.usefixtures("x64")
 def test_sites_outputs_and_gradients_match_builtin(pair):
-    with jax.enable_x64(True):
-        builtin, flax, params, copied = pair()
-        assert [(s.shape, s.keep_prob) for s in flax.sites] == [(s.shape, s.keep_prob) for s in builtin.sites]
-        assert flax.out_dim == builtin.out_dim
-        # Same leaf order after raveling, so flat vectors (gradients, Sigma, Hessians) compare entrywise.
-        np.testing.assert_array_equal(ravel_pytree(params)[0], ravel_pytree(copied)[0])
-        x, y = _data(int(np.prod(flax.spec.input_shape)))
-        masks = dropout.sample_masks(builtin.sites, key=jax.random.key(7), batch_shape=(len(x),), dtype=jnp.float64)
-        run = jax.jit(models.batch_apply, static_argnums=0, static_argnames="mode")
-        out_b = run(builtin, params, x, masks, mode="per_sample")
-        out_f = run(flax, copied, x, masks, mode="per_sample")
-        assert out_f.shape == (len(x), 2)
-        np.testing.assert_allclose(out_f, out_b, rtol=RTOL, atol=ATOL)
-        obj_b = losses.make_objective("dropout", builtin, "cross_entropy", mode="per_sample", lr=0.1)
-        obj_f = losses.make_objective("dropout", flax, "cross_entropy", mode="per_sample", lr=0.1)
-        g_b = jax.jit(jax.grad(obj_b))(params, x, y, masks)
-        g_f = jax.jit(jax.grad(obj_f))(copied, x, y, masks)
-        np.testing.assert_allclose(ravel_pytree(g_f)[0], ravel_pytree(g_b)[0], rtol=RTOL, atol=ATOL)
+    builtin, flax, params, copied = pair()
+    assert [(s.shape, s.keep_prob) for s in flax.sites] == [(s.shape, s.keep_prob) for s in builtin.sites]
+    assert flax.out_dim == builtin.out_dim
+    # Same leaf order after raveling, so flat vectors (gradients, Sigma, Hessians) compare entrywise.
+    np.testing.assert_array_equal(ravel_pytree(params)[0], ravel_pytree(copied)[0])
+    x, y = _data(int(np.prod(flax.spec.input_shape)))
+    masks = dropout.sample_masks(builtin.sites, key=jax.random.key(7), batch_shape=(len(x),), dtype=jnp.float64)
+    run = jax.jit(models.batch_apply, static_argnums=0, static_argnames="mode")
+    out_b = run(builtin, params, x, masks, mode="per_sample")
+    out_f = run(flax, copied, x, masks, mode="per_sample")
+    assert out_f.shape == (len(x), 2)
+    np.testing.assert_allclose(out_f, out_b, rtol=RTOL, atol=ATOL)
+    obj_b = losses.make_objective("dropout", builtin, "cross_entropy", mode="per_sample", lr=0.1)
+    obj_f = losses.make_objective("dropout", flax, "cross_entropy", mode="per_sample", lr=0.1)
+    g_b = jax.jit(jax.grad(obj_b))(params, x, y, masks)
+    g_f = jax.jit(jax.grad(obj_f))(copied, x, y, masks)
+    np.testing.assert_allclose(ravel_pytree(g_f)[0], ravel_pytree(g_b)[0], rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("pair", [_mlp_pair, pytest.param(_cnn_pair, marks=pytest.mark.slow)])
+@pytest.mark.usefixtures("x64")
 def test_exact_covariance_and_hessian_eigenvalues_match_builtin(pair):
-    with jax.enable_x64(True):
-        builtin, flax, params, copied = pair()
-        x, y = _data(int(np.prod(flax.spec.input_shape)), n=4)
-        for mode in ("shared", "per_sample"):  # Sigma by enumerating all 2**m masks, both modes
-            sigma = jax.jit(lambda model, p: cv.dense(cv.exact_mask_covariance(model, "cross_entropy", p, x, y,
-                                                                               mode=mode)), static_argnums=0)
-            s_b, s_f = sigma(builtin, params), sigma(flax, copied)
-            assert float(jnp.trace(s_b)) > 0  # the noise is there to compare
-            np.testing.assert_allclose(s_f, s_b, rtol=RTOL, atol=ATOL)
-        for kind in ("modified_exact",):  # dense Hessian of L_S (all 2**m masks), then eigh
-            dense = []
-            for model, p in ((builtin, params), (flax, copied)):
-                matvec, dim = hessian.make_hvp(hessian.make_hessian_loss(kind, model, "cross_entropy"), p, x, y)
-                dense.append(jax.jit(lambda: hessian.to_dense(matvec, dim, dtype=jnp.float64))())
-            np.testing.assert_allclose(dense[1], dense[0], rtol=RTOL, atol=1e-10)
-            np.testing.assert_allclose(np.linalg.eigvalsh(dense[1]), np.linalg.eigvalsh(dense[0]), atol=1e-10)
+    builtin, flax, params, copied = pair()
+    x, y = _data(int(np.prod(flax.spec.input_shape)), n=4)
+    for mode in ("shared", "per_sample"):  # Sigma by enumerating all 2**m masks, both modes
+        sigma = jax.jit(lambda model, p: cv.dense(cv.exact_mask_covariance(model, "cross_entropy", p, x, y,
+                                                                           mode=mode)), static_argnums=0)
+        s_b, s_f = sigma(builtin, params), sigma(flax, copied)
+        assert float(jnp.trace(s_b)) > 0  # the noise is there to compare
+        np.testing.assert_allclose(s_f, s_b, rtol=RTOL, atol=ATOL)
+    for kind in ("modified_exact",):  # dense Hessian of L_S (all 2**m masks), then eigh
+        dense = []
+        for model, p in ((builtin, params), (flax, copied)):
+            matvec, dim = hessian.make_hvp(hessian.make_hessian_loss(kind, model, "cross_entropy"), p, x, y)
+            dense.append(jax.jit(lambda: hessian.to_dense(matvec, dim, dtype=jnp.float64))())
+        np.testing.assert_allclose(dense[1], dense[0], rtol=RTOL, atol=1e-10)
+        np.testing.assert_allclose(np.linalg.eigvalsh(dense[1]), np.linalg.eigvalsh(dense[0]), atol=1e-10)
 
 
+@pytest.mark.usefixtures("x64")
 def test_enumeration_and_closed_form_r1_on_a_tiny_flax_net():
     """L_S by enumerating the 2**3 masks of a flax net equals R_S + R_1 through its penultimate/readout."""
-    with jax.enable_x64(True):
-        net = from_flax(FlaxMLP((3,), 1, 0.6), (2,))
-        masks, probs = dropout.enumerate_masks(net.sites)
-        assert masks[0].shape == (8, 3) and np.isclose(probs.sum(), 1.0)
-        params = net.init(jax.random.key(2), dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(3), (6, 2), jnp.float64)
-        y = jax.random.normal(jax.random.key(4), (6, 1), jnp.float64)
-        exact = sum(pr * losses.dropout_risk(net, "mse", params, x, y, tuple(jnp.asarray(m[e]) for m in masks),
-                                             mode="shared") for e, pr in enumerate(probs))
-        np.testing.assert_allclose(losses.modified_loss(net, "mse", params, x, y), exact, rtol=1e-12)
-        # Reference for penultimate/readout: the hidden activation and kernel computed by hand.
-        h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
-        ones = dropout.ones_masks(net.sites, dtype=jnp.float64)
-        np.testing.assert_allclose(jax.vmap(lambda xi: net.penultimate(params, xi, ones))(x), h, rtol=1e-12)
-        assert net.readout(params) is params["Dense_1"]["kernel"]
+    net = from_flax(FlaxMLP((3,), 1, 0.6), (2,))
+    masks, probs = dropout.enumerate_masks(net.sites)
+    assert masks[0].shape == (8, 3) and np.isclose(probs.sum(), 1.0)
+    params = net.init(jax.random.key(2), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(3), (6, 2), jnp.float64)
+    y = jax.random.normal(jax.random.key(4), (6, 1), jnp.float64)
+    exact = sum(pr * losses.dropout_risk(net, "mse", params, x, y, tuple(jnp.asarray(m[e]) for m in masks),
+                                         mode="shared") for e, pr in enumerate(probs))
+    np.testing.assert_allclose(losses.modified_loss(net, "mse", params, x, y), exact, rtol=1e-12)
+    # Reference for penultimate/readout: the hidden activation and kernel computed by hand.
+    h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    ones = dropout.ones_masks(net.sites, dtype=jnp.float64)
+    np.testing.assert_allclose(jax.vmap(lambda xi: net.penultimate(params, xi, ones))(x), h, rtol=1e-12)
+    assert net.readout(params) is params["Dense_1"]["kernel"]
 
 
+@pytest.mark.usefixtures("x64")
 def test_sme_paths_match_builtin():
     """Euler-Maruyama paths of the order-2 SME (exact drift and diffusion over all 2**5 masks), same noise."""
     from sme import sde
     from sme.diffusion import Problem
 
-    with jax.enable_x64(True):
-        builtin, flax, params, copied = _mlp_pair()
-        x = jax.random.normal(jax.random.key(5), (4, 3), jnp.float64)
-        y = jax.random.normal(jax.random.key(6), (4, 2), jnp.float64)
-        ends = []
-        for model, p in ((builtin, params), (flax, copied)):
-            eq = sde.make_sme(Problem(model, "mse", "shared", x, y), drift="order2", diffusion="exact",
-                              estimator="exact", lr=0.2)
-            ends.append(jax.jit(lambda p0: sde.em_integrate(eq, p0, key=jax.random.key(8), num_steps=4, h=0.1))(p))
-        moved = ravel_pytree(ends[0])[0] - ravel_pytree(params)[0]
-        assert float(jnp.linalg.norm(moved)) > 1e-3  # the path went somewhere
-        np.testing.assert_allclose(ravel_pytree(ends[1])[0], ravel_pytree(ends[0])[0], rtol=RTOL, atol=1e-10)
+    builtin, flax, params, copied = _mlp_pair()
+    x = jax.random.normal(jax.random.key(5), (4, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(6), (4, 2), jnp.float64)
+    ends = []
+    for model, p in ((builtin, params), (flax, copied)):
+        eq = sde.make_sme(Problem(model, "mse", "shared", x, y), drift="order2", diffusion="exact",
+                          estimator="exact", lr=0.2)
+        ends.append(jax.jit(lambda p0: sde.em_integrate(eq, p0, key=jax.random.key(8), num_steps=4, h=0.1))(p))
+    moved = ravel_pytree(ends[0])[0] - ravel_pytree(params)[0]
+    assert float(jnp.linalg.norm(moved)) > 1e-3  # the path went somewhere
+    np.testing.assert_allclose(ravel_pytree(ends[1])[0], ravel_pytree(ends[0])[0], rtol=RTOL, atol=1e-10)
 
 
+@pytest.mark.usefixtures("x64")
 def test_changing_keep_prob_matches_the_builtin_twin():
     from sme.analyses.curvature import loss_model
 
     for p in (0.6, 1.0):  # a net with dropout, and one without measured on its dropout twin
-        with jax.enable_x64(True):
-            builtin, flax, _, _ = _mlp_pair(keep_prob=p)
+        builtin, flax, _, _ = _mlp_pair(keep_prob=p)
         for q in (0.9, 0.5):
             assert loss_model(flax, q).sites == tuple(
                 type(s)(f.name, s.shape, s.keep_prob) for s, f in zip(loss_model(builtin, q).sites, flax.sites))
