@@ -93,6 +93,10 @@ sde.eval_num_masks  masks of the Monte Carlo L_S test function when neither clos
                     enumeration applies (>= 2).
 sde.max_enumerated_units  largest m for exact enumeration (1..20).
 sde.num_boot        bootstrap draws of the weak-error intervals (>= 100).
+sde.layout          replica (every replica its own keys, vmapped: any model) | batched (one random
+                    draw per block of 64 replicas, chunked: MLPs with one hidden layer, shared masks,
+                    mse, closed_form diffusion and loss; sme/lockstep_batched.py). Same law, other numbers.
+sde.chunk_size      replicas per chunk of the batched layout (a multiple of 64); no effect on results.
 """
 
 from ml_collections import ConfigDict
@@ -132,5 +136,5 @@ def get_config() -> ConfigDict:
         enabled=False, variants="order1,order2,r2,svag", diffusion="auto", loss_estimator="auto", num_masks=16,
         substeps=1, richardson=False, svag_substeps=4, r2_trace="sample", coupling="variants", num_replicas=1000,
         num_batches=100, horizon=0.0, lr_grid="", keep_prob_grid="", num_evals=20, num_probes=3,
-        eval_num_masks=256, max_enumerated_units=12, num_boot=1000))
+        eval_num_masks=256, max_enumerated_units=12, num_boot=1000, layout="replica", chunk_size=4096))
     return c

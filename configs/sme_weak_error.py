@@ -17,6 +17,11 @@ steps x 10^4 replicas; 63 min on 2 shared cores); the analysis about 1 min. The
 
     python train.py --config=configs/sme_weak_error.py:tiny --workdir=/tmp/sme_tiny
 
+The ``large`` variant runs R = 160,000 replicas per cell on p in {0.8, 0.9} and eps in {0.2, 0.1, 0.05,
+0.025} through the batched lockstep (`sme.lockstep_batched`: replica axis in chunks of 8,192, one
+random draw per block of replicas; the same processes with other random numbers than the default's
+per-replica keys); docs/results_e1.md, "Large-R sweep", has its numbers.
+
 Expected (docs/results_e1.md has the measured numbers): the order-1 SME and its ODE control are both
 first order at the declared times (t = 1: 1.02 [0.97, 1.08] and 0.99 [0.91, 1.07] at p = 0.9); the
 order-2 SME falls about fourfold per halving of eps to the Monte Carlo floor (~1e-5) while its ODE
@@ -30,8 +35,8 @@ from configs import base
 
 
 def get_config(variant: str = "default"):
-    if variant not in ("default", "tiny"):
-        raise ValueError(f"sme_weak_error variant {variant!r}: expected 'default' or 'tiny'")
+    if variant not in ("default", "tiny", "large"):
+        raise ValueError(f"sme_weak_error variant {variant!r}: expected 'default', 'tiny' or 'large'")
     c = base.get_config()
     c.data.name, c.data.num_points, c.data.input_dim, c.data.teacher_width = "teacher", 8, 2, 3
     c.data.noise_std, c.data.num_test_points = 0.1, 256
@@ -50,6 +55,11 @@ def get_config(variant: str = "default"):
     # smallest eps, where eps times the curvature of L_S is small) and, as a second row, over the
     # whole grid; weak errors are read at the fixed times t = 1 (mid) and t = 2 (final T).
     c.analysis.weak_error = ConfigDict(dict(fit_lr_min=0.025, fit_lr_max=0.1, times="1,2"))
+    if variant == "large":  # R = 1.6e5 per cell for the order-2 question: the batched lockstep
+        s.num_replicas, s.num_batches = 160_000, 400
+        s.lr_grid, s.keep_prob_grid = "0.2,0.1,0.05,0.025", "0.8,0.9"
+        s.layout, s.chunk_size = "batched", 8192
+        c.analysis.weak_error = ConfigDict(dict(fit_lr_min=0.025, fit_lr_max=0.1, times="1,2"))
     if variant == "tiny":
         s.num_replicas, s.num_batches, s.horizon, s.num_evals = 400, 20, 0.4, 4
         s.lr_grid, s.keep_prob_grid, s.variants = "0.2,0.1,0.05", "0.5,0.9", "order1,order2,ode1,svag"

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sme import losses, rng, sde
+from sme import lockstep_batched, losses, rng, sde
 from sme.diffusion import (MAX_ENUMERATED_UNITS, Problem, check_diffusion, coupled_normals, masks_from_uniforms,
                            num_units, unit_uniforms)
 from sme.dropout import sample_masks
@@ -49,6 +49,7 @@ ODE_DRIFTS = {"ode1": "order1", "ode2": "order2"}
 EM_VARIANTS = (*sde.DRIFTS, *ODE_DRIFTS)  # order1, order2, r2, ode1, ode2
 VARIANTS = (*EM_VARIANTS, "svag")
 COUPLINGS = ("none", "variants", "quantile")
+LAYOUTS = ("replica", "batched")
 # Noise tags of the SDE stream: never renumber (they are part of the reproducibility contract).
 TAGS = {"order1": 1, "order2": 2, "r2": 3, "svag": 4, "ode1": 5, "ode2": 6}
 SHARED_TAG = 0
@@ -68,6 +69,15 @@ class LockstepSpec:
     coupling: str = "variants"
     trace: str = "sample"
     seed: int = 0
+    layout: str = "replica"
+    chunk_size: int = 4096
+
+    def __repr__(self) -> str:
+        """The dataclass repr; ``layout`` and ``chunk_size`` only when not at their defaults, so the
+        cell configs (`sme.sweep.cell_config`) of runs made before they existed are unchanged."""
+        fields = [f for f in dataclasses.fields(self)
+                  if f.name not in ("layout", "chunk_size") or getattr(self, f.name) != f.default]
+        return f"LockstepSpec({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in fields)})"
 
     @property
     def em_variants(self) -> tuple[str, ...]:
@@ -92,6 +102,10 @@ def check_spec(spec: LockstepSpec, problem: Problem, *, max_units: int = MAX_ENU
         raise ValueError("quantile coupling needs the exact or closed_form diffusion (the masks diffusion has no unit noise)")
     if num_units(problem.model.sites) == 0:
         raise ValueError("the model has no droppable unit (keep_prob = 1): there is no noise to model")
+    if spec.layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {spec.layout!r}; expected one of {LAYOUTS}")
+    if spec.layout == "batched":
+        lockstep_batched.check_batched(spec, problem)
 
 
 class Lockstep(NamedTuple):
@@ -178,7 +192,10 @@ def replica_step(spec: LockstepSpec, paths: dict, step, replica, lr, problem: Pr
 
 def make_advance(spec: LockstepSpec):
     """``advance(state, num_steps, lr, problem) -> state``: a `fori_loop` (traced trip count) of
-    replica steps vmapped over the replica axis. Jit it once; lr and the data are traced."""
+    replica steps vmapped over the replica axis. Jit it once; lr and the data are traced.
+    ``layout='batched'``: `sme.lockstep_batched.make_advance` (replica axis last, chunked)."""
+    if spec.layout == "batched":
+        return lockstep_batched.make_advance(spec)
     batched = jax.vmap(lambda paths, step, r, lr, prob: replica_step(spec, paths, step, r, lr, prob),
                        in_axes=(0, None, 0, None, None))
 

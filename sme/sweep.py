@@ -61,7 +61,8 @@ def make_spec(cfg, model) -> lockstep.LockstepSpec:
     return lockstep.LockstepSpec(
         variants=tuple(v.strip() for v in s.variants.split(",") if v.strip()), diffusion=diffusion,
         estimator=estimator, num_masks=s.num_masks, substeps=s.substeps, richardson=s.richardson,
-        svag_substeps=s.svag_substeps, coupling=s.coupling, trace=s.r2_trace, seed=cfg.seed)
+        svag_substeps=s.svag_substeps, coupling=s.coupling, trace=s.r2_trace, seed=cfg.seed,
+        layout=s.get("layout", "replica"), chunk_size=s.get("chunk_size", 4096))  # configs without them: per replica
 
 
 def cell_name(keep_prob: float, lr: float) -> str:
