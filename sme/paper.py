@@ -72,7 +72,8 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
             done = _finished(workdir, cfg.train.num_steps, cfg)
             log(f"  {name} run {i} of {len(plan)}: {entry['name']}{' (trained already)' if done else ''}")
             t0 = time.time()
-            driver.run(cfg, workdir)  # trains, or runs the SME sweep when cfg.sde.enabled
+            if not done:  # a finished run is not reopened (its config.json may predate new config fields)
+                driver.run(cfg, workdir)  # trains, or runs the SME sweep when cfg.sde.enabled
             t_train = time.time() - t0
             groups: dict[str, list[str]] = {}
             for analysis in entry.get("analyses", ()):
