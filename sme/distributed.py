@@ -123,7 +123,7 @@ def agree(value, what: str):
         return value
     from jax.experimental import multihost_utils
 
-    mine = np.asarray(value, np.int64).reshape(-1)
+    mine = np.asarray(value, np.int32).reshape(-1)  # steps and counts; JAX without x64 has no int64
     every = np.asarray(multihost_utils.process_allgather(mine))
     if not (every == every[0]).all():
         raise DistributedError(f"processes disagree on {what} ({every.tolist()}); the workdir must be on a "
