@@ -173,3 +173,13 @@ def test_analysis_is_deterministic_batch_invariant_and_plots_its_own_keys(name, 
     assert read and read <= held, sorted(read - held)
     assert written and all(os.path.exists(p) and os.path.dirname(os.path.abspath(p)) == os.path.abspath(directory)
                            for p in written), written
+
+
+def test_own_keys_records_reads_and_fails_on_keys_the_artifact_does_not_hold():
+    read = set()
+    a = OwnKeys({"x": 1, "y": 2}, read)
+    assert a["x"] == 1 and a.get("z") is None and "y" in a and read == {"x"}  # membership is not a read
+    with pytest.raises(AssertionError, match="'z'"):
+        a["z"]
+    list(a.items())
+    assert read == {"x", "y"}

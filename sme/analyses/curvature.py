@@ -57,6 +57,11 @@ units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
   (`sme.hessian.dropout_penalty_quadratic`, NaN unless last-layer-only
   dropout), ``num_params``, ``num_examples``, ``settings``.
 
+Hessian-vector products linearise the gradient once per Lanczos, SLQ or
+Hutchinson run and apply the stored linear map (`sme.hessian.make_hvp`, its size
+rule: forward-over-reverse when ``chunk_size`` splits the examples or the stored
+residuals would exceed `sme.hessian.LINEARIZE_MAX_BYTES`).
+
 Jitted functions are cached per (architecture, loss, mask mode, loss kind,
 settings), so all checkpoints of a run share one compilation. Each analysis
 also has a ``batch_fn`` (`sme.analyses.common.batched`): several checkpoints
