@@ -95,13 +95,13 @@ def _replica_stats(a):
     return mean, a.std(0, ddof=1) / np.sqrt(num), prods.mean(0) * num / (num - 1), prods.std(0, ddof=1) / np.sqrt(num)
 
 
-def lockstep_against_exact(keep_prob=0.8, lr=0.2, num_steps=5, substeps=2, num_replicas=4000):
+def lockstep_against_exact(keep_prob=0.8, lr=0.2, num_steps=5, substeps=2, num_replicas=4000, layout="replica"):
     """Max |z-score| of every process's replica mean and covariance against the exact moments of
     its chain (dropout GD; Euler-Maruyama of the SMEs and ODEs on the lockstep's own grid)."""
     problem, a0 = _problem(keep_prob, seed=3, d=5)
     variants = ("order1", "order2", "ode1", "ode2")
     spec = lockstep.LockstepSpec(variants=variants, diffusion="closed_form", estimator="closed_form",
-                                 substeps=substeps, coupling="quantile", seed=5)
+                                 substeps=substeps, coupling="quantile", seed=5, layout=layout, chunk_size=1024)
     with jax.enable_x64(True):
         model = exact.readout_model(problem.dim, keep_prob)
         prob = Problem(model, "mse", "shared", jnp.asarray(problem.phi), jnp.asarray(problem.y[:, None]))
@@ -126,7 +126,8 @@ def lockstep_against_exact(keep_prob=0.8, lr=0.2, num_steps=5, substeps=2, num_r
     return scores
 
 
-def test_lockstep_means_and_covariances_match_the_exact_moments():
+@pytest.mark.parametrize("layout", ["replica", pytest.param("batched", marks=pytest.mark.slow)])
+def test_lockstep_means_and_covariances_match_the_exact_moments(layout):
     """Every process of the lockstep (library masks, closed-form L_S, closed-form Sigma^{1/2},
     Euler-Maruyama, fused increments) against sme.exact, which shares none of that code.
 
@@ -134,6 +135,7 @@ def test_lockstep_means_and_covariances_match_the_exact_moments():
     errors from the replicas themselves. |z| < 4.5 for all 60 random statistics: a false alarm has
     probability < 60 x 7e-6 (and the seed is fixed). Halving or doubling the diffusion moves the SME
     covariances by -75 % / +300 % of their eps-part, i.e. by tens of standard errors (2-3 % each).
-    ODE paths are deterministic here: they must equal the recursion to 1e-10 in float64."""
-    scores = lockstep_against_exact()
+    ODE paths are deterministic here: they must equal the recursion to 1e-10 in float64.
+    ``batched``: the same processes with block random draws in chunks of 1024 (sme.lockstep_batched)."""
+    scores = lockstep_against_exact(layout=layout)
     assert all(s < 4.5 for s in scores.values()), scores

@@ -62,14 +62,17 @@ def reference_step(spec, problem, params, noise, lr):
     return jax.vmap(one)(params, noise.u, noise.normals, noise.svag_u)
 
 
-@pytest.mark.parametrize("coupling,richardson,bias", [("quantile", True, False), ("none", False, True)])
-def test_batched_step_equals_the_per_replica_step_on_the_same_random_numbers(coupling, richardson, bias):
-    """Every path (discrete, 5 Euler-Maruyama variants on both Richardson grids, SVAG(4)) after one
-    step from different per-replica parameters. float64: the two compute the same sums in another
-    order, so they agree to ~1e-15 relative; 1e-10 leaves room for the nested autodiff (HVPs)."""
+@pytest.mark.parametrize("variants,coupling,richardson,bias", [
+    (("order2", "r2", "svag"), "quantile", False, False),
+    pytest.param(FULL, "quantile", True, False, marks=pytest.mark.slow),
+    pytest.param(FULL, "none", False, True, marks=pytest.mark.slow)])
+def test_batched_step_equals_the_per_replica_step_on_the_same_random_numbers(variants, coupling, richardson, bias):
+    """Every path (discrete, the Euler-Maruyama variants, with Richardson on both grids, SVAG(4))
+    after one step from different per-replica parameters. float64: the two compute the same sums in
+    another order, so they agree to ~1e-15 relative; 1e-10 leaves room for the nested autodiff (HVPs)."""
     with jax.enable_x64(True):
         problem, params0 = e1_problem(dtype=jnp.float64, bias=bias)
-        spec = spec_of(coupling=coupling, richardson=richardson)
+        spec = spec_of(variants=variants, coupling=coupling, richardson=richardson, substeps=2 if richardson else 1)
         num = BLOCK
         state = lockstep.init_lockstep(params0, spec, num)
         keys = jax.random.split(jax.random.key(1), len(state.paths))
@@ -95,7 +98,8 @@ def _advance(spec, problem, params0, num_replicas, num_steps, lr=0.1, start=None
     return jax.jit(lockstep.make_advance(spec), static_argnums=())(state, num_steps, lr, problem)
 
 
-def test_chunk_size_and_replica_count_do_not_change_any_path_and_the_seed_does():
+@pytest.mark.parametrize("variants", [("order1",), pytest.param(("order1", "ode1", "svag"), marks=pytest.mark.slow)])
+def test_chunk_size_and_replica_count_do_not_change_any_path_and_the_seed_does(variants):
     """R = 130 replicas (padded to whole blocks) in chunks of 64, 128 and one chunk: every path of
     every replica the same; replica r's path is the same with R = 64; the same seed gives the same
     state, another seed another; two calls of 2 steps equal one call of 4 (the step counter keys
@@ -103,7 +107,6 @@ def test_chunk_size_and_replica_count_do_not_change_any_path_and_the_seed_does()
     otherwise than one over 192 (1 ulp per operation), so float64 and 1e-12 relative."""
     with jax.enable_x64(True):
         problem, params0 = e1_problem(dtype=jnp.float64)
-        variants = ("order1", "ode1", "svag")
         runs = {c: _advance(spec_of(variants=variants, substeps=1, chunk_size=c), problem, params0, 130, 4)
                 for c in (64, 128, 4096)}
         spec = spec_of(variants=variants, substeps=1)
