@@ -42,7 +42,7 @@ def test_readme_python_api_example_matches_dense_references():
     flat, unravel = ravel_pytree(params)
     # Dense references: the Hessian of the closed-form L_S by jax.hessian (a different code path from
     # the HVP's per-example terms) and Sigma_K as the dense sample covariance of the mask gradients.
-    h = jax.hessian(lambda f: losses.modified_loss(prob.model, prob.loss, unravel(f), prob.x, prob.y))(flat)
+    h = jax.jit(jax.hessian(lambda f: losses.modified_loss(prob.model, prob.loss, unravel(f), prob.x, prob.y)))(flat)
     eig = np.linalg.eigvalsh(np.asarray(h, np.float64))[::-1]
     # float32 throughout: HVPs and the dense Hessian each carry ~1e-6 relative rounding at P = 113;
     # converged Ritz values (residuals ~1e-6) then agree to 1e-4 of the top eigenvalue.
@@ -170,13 +170,14 @@ def test_r2_penalty_is_the_squared_gradient_norm():
 
 def test_problem_hvp_and_landscape_take_a_problem():
     prob, params = _tiny(loss="cross_entropy")  # auto: exact enumeration of the 4 units
-    matvec, dim = hessian.problem_hvp(prob, params)
     flat, unravel = ravel_pytree(params)
-    h = jax.hessian(lambda f: losses.modified_loss_exact(prob, unravel(f)))(flat)
+    dense = jax.jit(lambda p: hessian.to_dense(*hessian.problem_hvp(prob, p)))(params)  # jitted: compiles once
+    h = jax.jit(jax.hessian(lambda f: losses.modified_loss_exact(prob, unravel(f))))(flat)
     # float32: two evaluation orders of the same sums, relative rounding ~1e-6 of |H|
-    np.testing.assert_allclose(hessian.to_dense(matvec, dim), h, atol=1e-5 * float(jnp.max(jnp.abs(h))))
-    mc, _ = hessian.problem_hvp(prob, params, kind="modified_mc", key=jax.random.key(6), num_masks=3)
-    assert mc(flat).shape == (dim,)
+    np.testing.assert_allclose(dense, h, atol=1e-5 * float(jnp.max(jnp.abs(h))))
+    mc = jax.jit(lambda p, v: hessian.problem_hvp(prob, p, kind="modified_mc", key=jax.random.key(6),
+                                                  num_masks=3)[0](v))
+    assert mc(params, flat).shape == flat.shape
     with pytest.raises(ValueError, match="needs masks or a key"):
         hessian.problem_hvp(prob, params, kind="modified_mc")
     direction = sme.random_direction(params, key=jax.random.key(7))
