@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sme import landscape
+from sme import landscape, testing
 from sme.models import make_model
 
 
@@ -25,36 +25,36 @@ def _dense_pca(data):
 
 
 @pytest.mark.parametrize("num_samples,dim", [(12, 30), (40, 5)])  # Gram path, then covariance path
+@pytest.mark.usefixtures("x64")
 def test_pca_equals_dense_covariance_spectrum(num_samples, dim):
     rng = np.random.default_rng(0)
     scales = 2.0 ** -np.arange(dim)  # distinct, well separated variances
     data = rng.normal(size=(num_samples, dim)) * scales + 3.0  # offset: centring matters
-    with jax.enable_x64(True):
-        result = landscape.pca(jnp.asarray(data))
-        k = min(num_samples - 1, dim)
-        ref_vals, ref_vecs = _dense_pca(data)
-        # float64 eigh errors are ~1e-16 * sigma_1^2; 1e-10 leaves room for the Gram route.
-        np.testing.assert_allclose(result.variances, ref_vals[:k], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(result.mean, data.mean(0), rtol=1e-12)
-        directions = np.asarray(result.directions)
-        np.testing.assert_allclose(directions @ directions.T, np.eye(k), atol=1e-9)
-        # Same eigenvectors up to sign (the variances are distinct).
-        overlap = np.abs(np.sum(directions * ref_vecs[:k], axis=1))
-        np.testing.assert_allclose(overlap, 1.0, atol=1e-7)
-        # Sign convention: the largest-magnitude entry of each direction is positive.
-        peaks = directions[np.arange(k), np.argmax(np.abs(directions), axis=1)]
-        assert np.all(peaks > 0)
+    result = landscape.pca(jnp.asarray(data))
+    k = min(num_samples - 1, dim)
+    ref_vals, ref_vecs = _dense_pca(data)
+    # float64 eigh errors are ~1e-16 * sigma_1^2; 1e-10 leaves room for the Gram route.
+    np.testing.assert_allclose(result.variances, ref_vals[:k], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.mean, data.mean(0), rtol=1e-12)
+    directions = np.asarray(result.directions)
+    np.testing.assert_allclose(directions @ directions.T, np.eye(k), atol=1e-9)
+    # Same eigenvectors up to sign (the variances are distinct).
+    overlap = np.abs(np.sum(directions * ref_vecs[:k], axis=1))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-7)
+    # Sign convention: the largest-magnitude entry of each direction is positive.
+    peaks = directions[np.arange(k), np.argmax(np.abs(directions), axis=1)]
+    assert np.all(peaks > 0)
 
 
+@pytest.mark.usefixtures("x64")
 def test_pca_variance_is_variance_of_projections():
     rng = np.random.default_rng(1)
     data = rng.normal(size=(9, 50)) * np.linspace(0.1, 2.0, 50)
-    with jax.enable_x64(True):
-        result = landscape.pca(jnp.asarray(data), num_components=4)
-        proj = (data - data.mean(0)) @ np.asarray(result.directions).T
-        # Var along u_i with the S - 1 convention equals sigma_i^2 (float64 rounding only).
-        np.testing.assert_allclose(proj.var(axis=0, ddof=1), result.variances, rtol=1e-10)
-        assert result.directions.shape == (4, 50)
+    result = landscape.pca(jnp.asarray(data), num_components=4)
+    proj = (data - data.mean(0)) @ np.asarray(result.directions).T
+    # Var along u_i with the S - 1 convention equals sigma_i^2 (float64 rounding only).
+    np.testing.assert_allclose(proj.var(axis=0, ddof=1), result.variances, rtol=1e-10)
+    assert result.directions.shape == (4, 50)
 
 
 def test_pca_never_forms_p_by_p_when_samples_are_few():
@@ -93,12 +93,8 @@ RTOL = 1e-8
 
 
 def _quadratic(dim, seed, loss0=0.3):
-    rng = np.random.default_rng(seed)
-    q = _orthogonal(rng, dim)
-    eig = np.geomspace(0.05, 20.0, dim)
-    a = q @ np.diag(eig) @ q.T
-    loss_fn = lambda theta: 0.5 * theta @ jnp.asarray(a) @ theta + loss0
-    return loss_fn, a, q, eig
+    """L = 1/2 theta^T A theta + loss0, A's eigenvalues geometric in [0.05, 20]: (loss_fn, A, Q, eigenvalues)."""
+    return testing.quadratic(dim, seed, loss0)
 
 
 def _closed_form(a, theta0, u, loss0, c):
@@ -111,62 +107,62 @@ def _closed_form(a, theta0, u, loss0, c):
 
 
 @pytest.mark.parametrize("factor", [2.0, math.e])
+@pytest.mark.usefixtures("x64")
 def test_flatness_along_eigendirections_matches_closed_form(factor):
     loss0 = 0.3
-    with jax.enable_x64(True):
-        loss_fn, _, q, eig = _quadratic(5, seed=0, loss0=loss0)
-        result = landscape.flatness_along(loss_fn, jnp.zeros(5), jnp.asarray(q.T), factors=(factor,),
-                                          search=SEARCH)
-        expected = 2 * np.sqrt(2 * (factor - 1) * loss0 / eig)
-        np.testing.assert_allclose(result.width[0], expected, rtol=RTOL)
-        np.testing.assert_allclose(result.left[0], result.right[0], rtol=RTOL)  # symmetric
-        assert not np.any(result.capped)
-        np.testing.assert_allclose(result.loss, loss0, rtol=1e-15)
+    loss_fn, _, q, eig = _quadratic(5, seed=0, loss0=loss0)
+    result = landscape.flatness_along(loss_fn, jnp.zeros(5), jnp.asarray(q.T), factors=(factor,),
+                                      search=SEARCH)
+    expected = 2 * np.sqrt(2 * (factor - 1) * loss0 / eig)
+    np.testing.assert_allclose(result.width[0], expected, rtol=RTOL)
+    np.testing.assert_allclose(result.left[0], result.right[0], rtol=RTOL)  # symmetric
+    assert not np.any(result.capped)
+    np.testing.assert_allclose(result.loss, loss0, rtol=1e-15)
 
 
+@pytest.mark.usefixtures("x64")
 def test_flatness_non_eigen_and_off_centre_match_closed_form():
     loss0 = 0.2
     rng = np.random.default_rng(3)
-    with jax.enable_x64(True):
-        loss_fn, a, _, _ = _quadratic(6, seed=1, loss0=loss0)
-        dirs = rng.normal(size=(4, 6))
-        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-        for theta0 in (np.zeros(6), rng.normal(size=6)):  # minimiser, then off-centre
-            result = landscape.flatness_along(loss_fn, jnp.asarray(theta0), jnp.asarray(dirs),
-                                              factors=landscape.FACTORS, search=SEARCH)
-            for i, c in enumerate(landscape.FACTORS):
-                for j, u in enumerate(dirs):
-                    left, right = _closed_form(a, theta0, u, loss0, c)
-                    np.testing.assert_allclose(result.left[i, j], left, rtol=RTOL)
-                    np.testing.assert_allclose(result.right[i, j], right, rtol=RTOL)
-                    np.testing.assert_allclose(result.width[i, j], left + right, rtol=RTOL)
-        # Off-centre the interval is asymmetric: the test above would catch a symmetric answer.
-        assert not np.allclose(result.left, result.right, rtol=1e-2)
+    loss_fn, a, _, _ = _quadratic(6, seed=1, loss0=loss0)
+    dirs = rng.normal(size=(4, 6))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    for theta0 in (np.zeros(6), rng.normal(size=6)):  # minimiser, then off-centre
+        result = landscape.flatness_along(loss_fn, jnp.asarray(theta0), jnp.asarray(dirs),
+                                          factors=landscape.FACTORS, search=SEARCH)
+        for i, c in enumerate(landscape.FACTORS):
+            for j, u in enumerate(dirs):
+                left, right = _closed_form(a, theta0, u, loss0, c)
+                np.testing.assert_allclose(result.left[i, j], left, rtol=RTOL)
+                np.testing.assert_allclose(result.right[i, j], right, rtol=RTOL)
+                np.testing.assert_allclose(result.width[i, j], left + right, rtol=RTOL)
+    # Off-centre the interval is asymmetric: the test above would catch a symmetric answer.
+    assert not np.allclose(result.left, result.right, rtol=1e-2)
 
 
+@pytest.mark.usefixtures("x64")
 def test_flatness_when_first_step_already_exceeds():
     # init_step larger than both crossings: the bracket is [0, init_step] from the start.
-    with jax.enable_x64(True):
-        loss_fn = lambda th: 50.0 * jnp.sum(th**2) + 0.01
-        search = landscape.BracketSearch(init_step=1.0, max_distance=10.0, num_bisect=45)
-        result = landscape.interval_flatness(loss_fn, jnp.zeros(2), jnp.array([1.0, 0.0]),
-                                             factor=2.0, search=search)
-        # 50 s² = 0.01 → s = sqrt(2e-4); bracket 1 / 2^46 ~ 1e-14 absolute.
-        np.testing.assert_allclose(result.right, math.sqrt(2e-4), rtol=1e-9)
-        np.testing.assert_allclose(result.left, math.sqrt(2e-4), rtol=1e-9)
+    loss_fn = lambda th: 50.0 * jnp.sum(th**2) + 0.01
+    search = landscape.BracketSearch(init_step=1.0, max_distance=10.0, num_bisect=45)
+    result = landscape.interval_flatness(loss_fn, jnp.zeros(2), jnp.array([1.0, 0.0]),
+                                         factor=2.0, search=search)
+    # 50 s² = 0.01 → s = sqrt(2e-4); bracket 1 / 2^46 ~ 1e-14 absolute.
+    np.testing.assert_allclose(result.right, math.sqrt(2e-4), rtol=1e-9)
+    np.testing.assert_allclose(result.left, math.sqrt(2e-4), rtol=1e-9)
 
 
+@pytest.mark.usefixtures("x64")
 def test_flatness_cap_and_flag_on_a_one_sided_loss():
     # L = L0 exp(theta_0): crosses c L0 at s = log c on the right, never on the left.
-    with jax.enable_x64(True):
-        loss_fn = lambda th: 0.5 * jnp.exp(th[0]) + 0.0 * th[1]
-        search = landscape.BracketSearch(init_step=1e-2, max_distance=7.0, num_bisect=40)
-        result = landscape.flatness_along(loss_fn, jnp.zeros(2), jnp.array([[1.0, 0.0], [0.0, 1.0]]),
-                                          factors=landscape.FACTORS, search=search)
-        np.testing.assert_allclose(result.right[:, 0], np.log(landscape.FACTORS), rtol=1e-9)
-        np.testing.assert_allclose(result.left[:, 0], 7.0)
-        np.testing.assert_allclose(result.width[:, 1], 14.0)  # flat direction: both sides capped
-        assert np.all(result.capped)
+    loss_fn = lambda th: 0.5 * jnp.exp(th[0]) + 0.0 * th[1]
+    search = landscape.BracketSearch(init_step=1e-2, max_distance=7.0, num_bisect=40)
+    result = landscape.flatness_along(loss_fn, jnp.zeros(2), jnp.array([[1.0, 0.0], [0.0, 1.0]]),
+                                      factors=landscape.FACTORS, search=search)
+    np.testing.assert_allclose(result.right[:, 0], np.log(landscape.FACTORS), rtol=1e-9)
+    np.testing.assert_allclose(result.left[:, 0], 7.0)
+    np.testing.assert_allclose(result.width[:, 1], 14.0)  # flat direction: both sides capped
+    assert np.all(result.capped)
 
 
 def test_flatness_jits_and_vmaps_like_a_loop():
@@ -194,71 +190,71 @@ def test_flatness_bad_input():
         landscape.interval_flatness(loss_fn, jnp.zeros(2), jnp.zeros(3), factor=2.0)
 
 
+@pytest.mark.usefixtures("x64")
 def test_trajectory_flatness_on_designed_snapshots():
     """Snapshots whose PCs are A's eigenvectors: widths are the closed form along each."""
     dim, num_samples, loss0 = 5, 12, 0.4
     rng = np.random.default_rng(4)
-    with jax.enable_x64(True):
-        loss_fn, a, q, eig = _quadratic(dim, seed=5, loss0=loss0)
-        # Centred orthonormal columns z_i of R^S scaled so that Var_i = v_i exactly.
-        basis, _ = np.linalg.qr(np.column_stack([np.ones(num_samples), rng.normal(size=(num_samples, dim))]))
-        variances = np.array([9.0, 4.0, 1.0, 0.25, 0.0625])
-        z = basis[:, 1:] * np.sqrt((num_samples - 1) * variances)
-        theta_star = rng.normal(size=dim) * 0.1
-        snapshots = theta_star + z @ q.T
-        comps, flat = landscape.trajectory_flatness(
-            jnp.asarray(snapshots), loss_fn, reference=jnp.asarray(theta_star), num_components=dim,
-            factors=(2.0,), search=SEARCH)
-        np.testing.assert_allclose(comps.variances, variances, rtol=1e-10)
-        for j in range(dim):
-            left, right = _closed_form(a, theta_star, np.asarray(comps.directions[j]), loss0, 2.0)
-            np.testing.assert_allclose(flat.width[0, j], left + right, rtol=RTOL)
-        # The directions are A's eigenvectors (|cos| = 1), so the widths are eigenvalue-driven.
-        np.testing.assert_allclose(np.abs(np.sum(np.asarray(comps.directions) * q.T, axis=1)), 1.0, atol=1e-9)
-        default = landscape.trajectory_flatness(jnp.asarray(snapshots), loss_fn, num_components=2,
-                                                factors=(2.0,), search=SEARCH)[1]
-        expected = landscape.flatness_along(loss_fn, jnp.asarray(snapshots[-1]), comps.directions[:2],
-                                            factors=(2.0,), search=SEARCH)
-        np.testing.assert_allclose(default.width, expected.width, rtol=1e-12)  # reference = last row
+    loss_fn, a, q, eig = _quadratic(dim, seed=5, loss0=loss0)
+    # Centred orthonormal columns z_i of R^S scaled so that Var_i = v_i exactly.
+    basis, _ = np.linalg.qr(np.column_stack([np.ones(num_samples), rng.normal(size=(num_samples, dim))]))
+    variances = np.array([9.0, 4.0, 1.0, 0.25, 0.0625])
+    z = basis[:, 1:] * np.sqrt((num_samples - 1) * variances)
+    theta_star = rng.normal(size=dim) * 0.1
+    snapshots = theta_star + z @ q.T
+    comps, flat = landscape.trajectory_flatness(
+        jnp.asarray(snapshots), loss_fn, reference=jnp.asarray(theta_star), num_components=dim,
+        factors=(2.0,), search=SEARCH)
+    np.testing.assert_allclose(comps.variances, variances, rtol=1e-10)
+    for j in range(dim):
+        left, right = _closed_form(a, theta_star, np.asarray(comps.directions[j]), loss0, 2.0)
+        np.testing.assert_allclose(flat.width[0, j], left + right, rtol=RTOL)
+    # The directions are A's eigenvectors (|cos| = 1), so the widths are eigenvalue-driven.
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(comps.directions) * q.T, axis=1)), 1.0, atol=1e-9)
+    default = landscape.trajectory_flatness(jnp.asarray(snapshots), loss_fn, num_components=2,
+                                            factors=(2.0,), search=SEARCH)[1]
+    expected = landscape.flatness_along(loss_fn, jnp.asarray(snapshots[-1]), comps.directions[:2],
+                                        factors=(2.0,), search=SEARCH)
+    np.testing.assert_allclose(default.width, expected.width, rtol=1e-12)  # reference = last row
 
 
+@pytest.mark.usefixtures("x64")
 def test_trend_fraction_matches_least_squares_and_its_white_noise_mean():
     """Against an independent dense fit, and against E = degree / (S - 1) for white noise."""
     num_samples, dim, degree = 200, 400, 4
     rng = np.random.default_rng(7)
-    with jax.enable_x64(True):
-        t = np.linspace(-1.0, 1.0, num_samples)
-        # Drift along e_0 (a cubic in t) and e_1 (a parabola) plus white noise everywhere.
-        noise = rng.normal(size=(num_samples, dim))
-        data = noise.copy()
-        data[:, 0] += 100.0 * t**3
-        data[:, 1] += 100.0 * t**2
-        # Random orthonormal rows whose first two are +-e_0 and +-e_1 (QR keeps leading spans).
-        basis = rng.normal(size=(dim, dim))
-        basis[:, :2] = np.eye(dim)[:, :2]
-        directions = np.linalg.qr(basis)[0].T
-        got = np.asarray(landscape.trend_fraction(jnp.asarray(data), jnp.asarray(directions), degree=degree))
-        # Dense reference: R^2 of regressing each centred coordinate on [1, t, ..., t^degree].
-        coords = (data - data.mean(0)) @ directions.T
-        vander = np.vander(t, degree + 1)
-        fitted = vander @ np.linalg.lstsq(vander, coords, rcond=None)[0]
-        want = np.sum(fitted**2, axis=0) / np.sum(coords**2, axis=0)
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)  # same projection, float64
-        assert got[0] > 0.99 and got[1] > 0.99  # drift variance >= 1e4 * 4/45 ~ 900 x the noise: ~0.999
-        # White-noise coordinates: the centred vector is isotropic in the (S - 1)-dim complement
-        # of the constant, so its trend fraction is Beta(d/2, (S-1-d)/2) with mean d / (S - 1).
-        # The remaining directions are orthonormal, so their coordinates are independent: the
-        # mean of dim - 2 of them is within 5 standard errors of d / (S - 1).
-        white = got[2:]
-        mean = degree / (num_samples - 1)
-        var = mean * (1 - mean) / ((num_samples - 1) / 2 + 1)
-        assert abs(white.mean() - mean) < 5 * np.sqrt(var / white.size)
-        # An exact polynomial of degree <= d is all trend; a constant coordinate has fraction 0.
-        poly = np.outer(2.0 * t**4 - t, directions[5]) + 1.0
-        np.testing.assert_allclose(landscape.trend_fraction(jnp.asarray(poly), jnp.asarray(directions[5:6]),
-                                                            degree=degree), [1.0], rtol=1e-12)
-        flat = np.ones((num_samples, dim))
-        assert float(landscape.trend_fraction(jnp.asarray(flat), jnp.asarray(directions[:1]))[0]) == 0.0
+    t = np.linspace(-1.0, 1.0, num_samples)
+    # Drift along e_0 (a cubic in t) and e_1 (a parabola) plus white noise everywhere.
+    noise = rng.normal(size=(num_samples, dim))
+    data = noise.copy()
+    data[:, 0] += 100.0 * t**3
+    data[:, 1] += 100.0 * t**2
+    # Random orthonormal rows whose first two are +-e_0 and +-e_1 (QR keeps leading spans).
+    basis = rng.normal(size=(dim, dim))
+    basis[:, :2] = np.eye(dim)[:, :2]
+    directions = np.linalg.qr(basis)[0].T
+    got = np.asarray(landscape.trend_fraction(jnp.asarray(data), jnp.asarray(directions), degree=degree))
+    # Dense reference: R^2 of regressing each centred coordinate on [1, t, ..., t^degree].
+    coords = (data - data.mean(0)) @ directions.T
+    vander = np.vander(t, degree + 1)
+    fitted = vander @ np.linalg.lstsq(vander, coords, rcond=None)[0]
+    want = np.sum(fitted**2, axis=0) / np.sum(coords**2, axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)  # same projection, float64
+    assert got[0] > 0.99 and got[1] > 0.99  # drift variance >= 1e4 * 4/45 ~ 900 x the noise: ~0.999
+    # White-noise coordinates: the centred vector is isotropic in the (S - 1)-dim complement
+    # of the constant, so its trend fraction is Beta(d/2, (S-1-d)/2) with mean d / (S - 1).
+    # The remaining directions are orthonormal, so their coordinates are independent: the
+    # mean of dim - 2 of them is within 5 standard errors of d / (S - 1).
+    white = got[2:]
+    mean = degree / (num_samples - 1)
+    var = mean * (1 - mean) / ((num_samples - 1) / 2 + 1)
+    assert abs(white.mean() - mean) < 5 * np.sqrt(var / white.size)
+    # An exact polynomial of degree <= d is all trend; a constant coordinate has fraction 0.
+    poly = np.outer(2.0 * t**4 - t, directions[5]) + 1.0
+    np.testing.assert_allclose(landscape.trend_fraction(jnp.asarray(poly), jnp.asarray(directions[5:6]),
+                                                        degree=degree), [1.0], rtol=1e-12)
+    flat = np.ones((num_samples, dim))
+    assert float(landscape.trend_fraction(jnp.asarray(flat), jnp.asarray(directions[:1]))[0]) == 0.0
 
 
 def test_trend_fraction_bad_input():
@@ -383,28 +379,28 @@ def _tiny_loss():
     return model, loss_fn
 
 
+@pytest.mark.usefixtures("x64")
 def test_profiles_and_interpolation_against_direct_evaluation():
-    with jax.enable_x64(True):
-        model, loss_fn = _tiny_loss()
-        params = model.init(jax.random.key(0), jnp.float64)
-        other = model.init(jax.random.key(1), jnp.float64)
-        dx = landscape.filter_normalize(landscape.random_direction(params, key=jax.random.key(2)), params)
-        dy = landscape.filter_normalize(landscape.random_direction(params, key=jax.random.key(3)), params)
-        shift = lambda p, d, s: jax.tree.map(lambda a, b: a + s * b, p, d)
-        alphas = jnp.linspace(-1.0, 1.0, 5)
-        betas = jnp.array([-0.5, 0.0, 0.7])
-        prof = landscape.profile_1d(loss_fn, params, dx, alphas)
-        # Exact equality at s = 0 (params + 0 * d == params bitwise); elsewhere float64 roundoff.
-        assert prof[2] == loss_fn(params)
-        for i, a in enumerate(alphas):
-            np.testing.assert_allclose(prof[i], loss_fn(shift(params, dx, a)), rtol=1e-13)
-        grid = landscape.profile_2d(loss_fn, params, dx, dy, alphas, betas)
-        assert grid.shape == (5, 3)
-        assert grid[2, 1] == loss_fn(params)
-        np.testing.assert_allclose(grid[0, 2], loss_fn(shift(shift(params, dx, -1.0), dy, 0.7)), rtol=1e-13)
-        ts = jnp.array([0.0, 0.5, 1.0, 1.5])
-        line = landscape.interpolate(loss_fn, params, other, ts)
-        assert line[0] == loss_fn(params) and line[2] == loss_fn(other)  # (1-t) a + t b is exact at 0, 1
-        mid = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, params, other)
-        np.testing.assert_allclose(line[1], loss_fn(mid), rtol=1e-13)
-        assert line[3] > 0 and np.isfinite(line[3])
+    model, loss_fn = _tiny_loss()
+    params = model.init(jax.random.key(0), jnp.float64)
+    other = model.init(jax.random.key(1), jnp.float64)
+    dx = landscape.filter_normalize(landscape.random_direction(params, key=jax.random.key(2)), params)
+    dy = landscape.filter_normalize(landscape.random_direction(params, key=jax.random.key(3)), params)
+    shift = lambda p, d, s: jax.tree.map(lambda a, b: a + s * b, p, d)
+    alphas = jnp.linspace(-1.0, 1.0, 5)
+    betas = jnp.array([-0.5, 0.0, 0.7])
+    prof = landscape.profile_1d(loss_fn, params, dx, alphas)
+    # Exact equality at s = 0 (params + 0 * d == params bitwise); elsewhere float64 roundoff.
+    assert prof[2] == loss_fn(params)
+    for i, a in enumerate(alphas):
+        np.testing.assert_allclose(prof[i], loss_fn(shift(params, dx, a)), rtol=1e-13)
+    grid = landscape.profile_2d(loss_fn, params, dx, dy, alphas, betas)
+    assert grid.shape == (5, 3)
+    assert grid[2, 1] == loss_fn(params)
+    np.testing.assert_allclose(grid[0, 2], loss_fn(shift(shift(params, dx, -1.0), dy, 0.7)), rtol=1e-13)
+    ts = jnp.array([0.0, 0.5, 1.0, 1.5])
+    line = landscape.interpolate(loss_fn, params, other, ts)
+    assert line[0] == loss_fn(params) and line[2] == loss_fn(other)  # (1-t) a + t b is exact at 0, 1
+    mid = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, params, other)
+    np.testing.assert_allclose(line[1], loss_fn(mid), rtol=1e-13)
+    assert line[3] > 0 and np.isfinite(line[3])
