@@ -191,3 +191,41 @@ def test_single_process_needs_no_flags(monkeypatch):
     assert distributed.requested(auto=True) == {}
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     assert distributed.requested() == {}
+
+
+@pytest.mark.slow
+def test_sme_sweep_through_train_py_in_two_processes(tmp_path):
+    """train.py's own flags on an SME sweep: two processes x 2 devices give the cell file and metrics of one
+    process x 4 devices (exact, as above: the replicas are split, never reduced across devices)."""
+    args = [os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/sme_weak_error.py:tiny",
+            "--config.sde.lr_grid=0.2", "--config.sde.keep_prob_grid=0.9", "--config.sde.num_replicas=16",
+            "--config.sde.num_batches=4"]
+    port = _free_port()
+
+    def start(workdir, devices, extra):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        return subprocess.Popen([sys.executable, *args, f"--workdir={workdir}", *extra], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start(tmp_path / "multi", 2, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                           f"--process_id={i}"]) for i in range(2)]
+    procs.append(start(tmp_path / "single", 4, []))
+    try:
+        outs = [proc.communicate(timeout=900) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    assert "done: step" in outs[0][0] and "done: step" not in outs[1][0]  # process 0 reports
+    assert _files(tmp_path / "multi") == _files(tmp_path / "single")
+    want = io.load_arrays(tmp_path / "single" / "sme" / "cell_p0.9_lr0.2.npz")
+    got = io.load_arrays(tmp_path / "multi" / "sme" / "cell_p0.9_lr0.2.npz")
+    assert sorted(want) == sorted(got)
+    for key in set(want) - {"seconds"}:  # wall time differs
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    timing = ("time", "seconds", "steps_per_sec")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert strip(io.read_jsonl(tmp_path / "multi" / "metrics.jsonl")) == strip(
+        io.read_jsonl(tmp_path / "single" / "metrics.jsonl"))
