@@ -18,6 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Compiled programs persist between runs in .pytest_cache (tens of MB; keyed by the JAX version, the
+# program and its options, so an edit recompiles only what it changed): a second run of the default
+# tier compiles little. This process only (subprocesses compile as users' runs do).
+# SME_TEST_JAX_CACHE=0 switches it off, or names another directory.
+_CACHE = os.environ.get("SME_TEST_JAX_CACHE", os.path.join(
+    ROOT, ".pytest_cache", "jax-" + ("opt" if os.environ.get("SME_TEST_XLA_OPT") == "1" else "opt0")))
+if _CACHE != "0":
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
 # The tests compile thousands of tiny XLA programs and run each a few times, so LLVM's optimisation
 # passes cost more than they save: without them the default tier takes about a third less CPU.
 # Floating-point semantics are unchanged (fast-math stays off, so no reassociation). This process

@@ -18,8 +18,8 @@ def _flat_grad(fn, params):
     return ravel_pytree(jax.grad(fn)(params))[0]
 
 
-def test_ravel_rows_matches_ravel_pytree_per_row():
-    model, params, *_ = _mlp()
+def test_ravel_rows_matches_ravel_pytree_per_row(tiny_mlp):
+    model, params, *_ = tiny_mlp
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), params)
     rows = grads.ravel_rows(stacked)
     flat = ravel_pytree(params)[0]
@@ -28,8 +28,8 @@ def test_ravel_rows_matches_ravel_pytree_per_row():
 
 
 @pytest.mark.parametrize("mode", ["shared", "per_sample"])
-def test_mask_gradients_equal_one_gradient_per_mask_for_any_chunking(mode):
-    model, params, x, y = _mlp()
+def test_mask_gradients_equal_one_gradient_per_mask_for_any_chunking(mode, tiny_mlp):
+    model, params, x, y = tiny_mlp
     masks = grads.draw_masks(model, key=jax.random.key(5), num_masks=5, mode=mode,
                              num_examples=x.shape[0], dtype=jnp.float64)
     one = jax.jit(lambda m: _flat_grad(lambda p: losses.dropout_risk(model, "mse", p, x, y, m, mode=mode), params))
@@ -42,8 +42,8 @@ def test_mask_gradients_equal_one_gradient_per_mask_for_any_chunking(mode):
     np.testing.assert_allclose(sampled, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_mask_losses_vjp_is_weighted_sum_of_mask_gradients():
-    model, params, x, y = _mlp()
+def test_mask_losses_vjp_is_weighted_sum_of_mask_gradients(tiny_mlp):
+    model, params, x, y = tiny_mlp
     masks = grads.draw_masks(model, key=jax.random.key(4), num_masks=4, mode="shared", num_examples=7,
                              dtype=jnp.float64)
     g = grads.mask_gradients(model, "cross_entropy", params, x, jax.nn.softmax(y), masks, mode="shared")
@@ -53,8 +53,8 @@ def test_mask_losses_vjp_is_weighted_sum_of_mask_gradients():
     np.testing.assert_allclose(vjp, w @ g, rtol=1e-12, atol=1e-14)
 
 
-def test_per_sample_gradients_average_to_the_batch_gradient():
-    model, params, x, y = _mlp()
+def test_per_sample_gradients_average_to_the_batch_gradient(tiny_mlp):
+    model, params, x, y = tiny_mlp
     masks = dropout.sample_masks(model.sites, key=jax.random.key(8), batch_shape=(7,), dtype=jnp.float64)
     g = grads.per_sample_gradients(model, "mse", params, x, y, masks, chunk_size=3)
     batch = _flat_grad(lambda p: losses.dropout_risk(model, "mse", p, x, y, masks, mode="per_sample"), params)
@@ -66,8 +66,8 @@ def test_per_sample_gradients_average_to_the_batch_gradient():
         np.testing.assert_allclose(g[i], gi, rtol=1e-12, atol=1e-14)
 
 
-def test_sample_mask_gradients_table_matches_per_sample_gradients():
-    model, params, x, y = _mlp()
+def test_sample_mask_gradients_table_matches_per_sample_gradients(tiny_mlp):
+    model, params, x, y = tiny_mlp
     shared = grads.draw_masks(model, key=jax.random.key(6), num_masks=3, mode="shared", num_examples=7,
                               dtype=jnp.float64)
     table = grads.sample_mask_gradients(model, "mse", params, x, y, shared, mode="shared", chunk_size=2)
@@ -126,8 +126,8 @@ def test_gram_of_a_cnn_falls_back_to_materialised_gradients():
     np.testing.assert_allclose(grads.per_sample_gram(model, "mse", params, x, y), g @ g.T, rtol=1e-12)
 
 
-def test_bad_input_is_named():
-    model, params, x, y = _mlp()
+def test_bad_input_is_named(tiny_mlp):
+    model, params, x, y = tiny_mlp
     with pytest.raises(ValueError, match="mask mode"):
         grads.draw_masks(model, key=jax.random.key(0), num_masks=2, mode="batch", num_examples=7)
     shared = grads.draw_masks(model, key=jax.random.key(0), num_masks=2, mode="shared", num_examples=7)

@@ -14,8 +14,8 @@ def _sym(seed, spectrum):
     return jnp.asarray(testing.matrix_with_spectrum(spectrum, seed))
 
 
-def test_alignment_equals_dense_computation_on_a_tiny_net():
-    model, params, x, y = testing.two_layer_problem()
+def test_alignment_equals_dense_computation_on_a_tiny_net(two_layer_net):
+    model, params, x, y = two_layer_net
     fn = lambda p: losses.modified_loss_exact(model, "mse", p, x, y)  # H of L_S
     flat, unravel = ravel_pytree(params)
     h = jax.jit(jax.hessian(lambda f: fn(unravel(f))))(flat)
