@@ -68,88 +68,140 @@ def check_batched(spec, problem: Problem) -> None:
 
 
 class Net(NamedTuple):
-    """The E1 net's data and constants for the replica-last functions (all static but x, y)."""
+    """The E1 net's data as python lists of scalars (x[i][k], y[i][o]) and its constants."""
 
-    x: jax.Array  # (n, d)
-    y: jax.Array  # (n, o)
+    x: list
+    y: list
     activation: str  # "" for the frozen-feature readout (h = x)
     keep_prob: float
 
     @classmethod
     def of(cls, problem: Problem) -> Net:
         activation = getattr(problem.model.spec, "activation", "")
-        return cls(problem.x, problem.y, activation, problem.model.sites[-1].keep_prob)
+        rows = lambda a: [[a[i, k] for k in range(a.shape[1])] for i in range(a.shape[0])]
+        return cls(rows(problem.x), rows(problem.y), activation, problem.model.sites[-1].keep_prob)
+
+    @property
+    def dtype(self):
+        return self.x[0][0].dtype
 
 
-def hidden(net: Net, params) -> jax.Array:
-    """h = act(x W1 + b1): (n, m); the readout's frozen features x."""
+# --- Parameters as lists of replica vectors -------------------------------------------------------
+#
+# A params leaf (C, *shape) becomes nested python lists (over *shape) of (C,) replica vectors, so
+# every operation below is elementwise over the C replicas: XLA fuses a whole gradient (and its
+# second derivatives) into loops over the replica axis that the vector units run C lanes at a time.
+# The sizes (n = 8, d = 2, m = 5, o = 1 for E1) are unrolled at trace time.
+
+
+def to_lists(params):
+    def one(a):
+        a = jnp.moveaxis(a, 0, -1)
+        rec = lambda b: [rec(b[i]) for i in range(b.shape[0])] if b.ndim > 1 else b
+        return rec(a)
+
+    return jax.tree_util.tree_map(one, params)
+
+
+def from_lists(lists, like):
+    """Inverse of `to_lists`; ``like`` gives the params structure (its leaves are not read)."""
+    treedef = jax.tree_util.tree_structure(like)
+
+    def one(node):
+        rec = lambda x: jnp.stack([rec(e) for e in x]) if isinstance(x, list) else x
+        return jnp.moveaxis(rec(node), -1, 0)
+
+    return jax.tree_util.tree_unflatten(treedef, [one(node) for node in treedef.flatten_up_to(lists)])
+
+
+def hidden(net: Net, params) -> list:
+    """h[i][j] = act(x_i W1_:j + b1_j) (the readout's features: x[i][j])."""
     if not net.activation:
         return net.x
-    layer = params["hidden"][0]
-    pre = net.x @ layer["w"]
-    if "b" in layer:
-        pre = pre + layer["b"]
-    return ACTIVATIONS[net.activation](pre)
+    layer, act = params["hidden"][0], ACTIVATIONS[net.activation]
+    w, b = layer["w"], layer.get("b")
+    d, m = len(w), len(w[0])
+    return [[act(sum(xi[k] * w[k][j] for k in range(d)) + (b[j] if b is not None else 0.0)) for j in range(m)]
+            for xi in net.x]
 
 
-def features(net: Net, params) -> jax.Array:
-    """phi_ik = h_ik W2_k: (n, m, o), so that f(x_i; eta) = sum_k eta_k phi_ik + b2."""
-    return hidden(net, params)[:, :, None] * params["out"]["w"][None]
+def features(net: Net, params) -> list:
+    """phi[i][j][o] = h_ij W2_jo, so that f(x_i; eta)_o = sum_j eta_j phi_ijo + b2_o."""
+    w = params["out"]["w"]
+    return [[[hij * wjo for wjo in w[j]] for j, hij in enumerate(hi)] for hi in hidden(net, params)]
 
 
-def _residual(net: Net, params, phi, eta=None) -> jax.Array:
-    """f(x_i; eta) - y_i: (n, o)."""
-    out = jnp.sum(phi if eta is None else phi * eta[None, :, None], axis=1)
-    if "b" in params["out"]:
-        out = out + params["out"]["b"]
-    return out - net.y
+def _residual(net: Net, params, phi, eta=None) -> list:
+    """res[i][o] = f(x_i; eta)_o - y_io."""
+    b = params["out"].get("b")
+    out = []
+    for phi_i, y_i in zip(phi, net.y):
+        row = []
+        for o, y_io in enumerate(y_i):
+            f = sum(pj[o] * (1.0 if eta is None else eta[j]) for j, pj in enumerate(phi_i))
+            row.append(f + (b[o] if b is not None else 0.0) - y_io)
+        out.append(row)
+    return out
+
+
+def _sum_sq(nested) -> jax.Array:
+    return sum(_sum_sq(e) if isinstance(e, list) else e**2 for e in nested)
 
 
 def dropout_risk(net: Net, params, eta=None) -> jax.Array:
-    """R^drop_S(theta; eta) = (1/2n) sum_i ||f(x_i; eta) - y_i||^2 with eta (m,) (None: all ones)."""
-    res = _residual(net, params, features(net, params), eta)
-    return 0.5 * jnp.sum(res**2) / res.shape[0]
+    """R^drop_S(theta; eta) = (1/2n) sum_i ||f(x_i; eta) - y_i||^2, eta a list of m replica vectors
+    (None: all ones). (C,)."""
+    return 0.5 * _sum_sq(_residual(net, params, features(net, params), eta)) / len(net.x)
 
 
 def modified_loss(net: Net, params) -> jax.Array:
-    """Closed-form L_S = R_S + R_1, R_1 = ((1 - p)/(2p)) mean_i sum_j ||W2_j||^2 h_ij^2 (`sme.losses`)."""
+    """Closed-form L_S = R_S + R_1, R_1 = ((1 - p)/(2p)) mean_i sum_j ||W2_j||^2 h_ij^2 (`sme.losses`). (C,)."""
     phi = features(net, params)
-    res = _residual(net, params, phi)
     v = (1.0 - net.keep_prob) / net.keep_prob
-    return 0.5 * (jnp.sum(res**2) + v * jnp.sum(phi**2)) / res.shape[0]
+    return 0.5 * (_sum_sq(_residual(net, params, phi)) + v * _sum_sq(phi)) / len(net.x)
 
 
-def noise_potential(net: Net, params, zeta: jax.Array, z: jax.Array) -> jax.Array:
-    """`sme.diffusion.closed_form_potential` (shared masks) with zeta (m,) and z (m(m-1)/2,) in
-    row-major upper-triangle order: its gradient is Sigma(theta)^{1/2} xi. With phi_ik = h_ik W2_k:
-    Q = (sqrt(v) [sum_i <sum_k zeta_k phi_ik, res_i> + (beta/2) sum_ik zeta_k ||phi_ik||^2]
-    + v sum_{k<l} z_kl sum_i <phi_ik, phi_il>) / n, written as products and sums over the small
-    axes (no Gram matrices, no scatter: both are slow batched over replicas on CPU)."""
+def noise_potential(net: Net, params, zeta, z) -> jax.Array:
+    """`sme.diffusion.closed_form_potential` (shared masks), zeta: m and z: m(m-1)/2 replica vectors
+    (row-major upper triangle); its per-replica gradient is Sigma(theta)^{1/2} xi. With phi as above:
+    Q = (sqrt(v) [sum_io (sum_j zeta_j phi_ijo) res_io + (beta/2) sum_ijo zeta_j phi_ijo^2]
+    + v sum_{k<l} z_kl sum_io phi_iko phi_ilo) / n. (C,)."""
     p = net.keep_prob
     v, beta = (1.0 - p) / p, (1.0 - 2.0 * p) / p
-    phi = features(net, params)  # (n, m, o)
-    n, m = phi.shape[0], phi.shape[1]
+    phi = features(net, params)
     res = _residual(net, params, phi)
-    linear = jnp.sum(jnp.einsum("k,iko->io", zeta, phi) * res) + 0.5 * beta * jnp.dot(zeta, jnp.sum(phi**2, axis=(0, 2)))
+    m = len(phi[0])
+    linear = 0.0
+    for phi_i, res_i in zip(phi, res):
+        for o, r in enumerate(res_i):
+            linear = linear + sum(zeta[j] * pj[o] for j, pj in enumerate(phi_i)) * r
+            linear = linear + 0.5 * beta * sum(zeta[j] * pj[o] ** 2 for j, pj in enumerate(phi_i))
     rows, cols = np.triu_indices(m, 1)
-    pair = jnp.dot(z, jnp.sum(phi[:, rows] * phi[:, cols], axis=(0, 2)))
-    return (np.sqrt(v) * linear + v * pair) / n
+    pair = sum(z[q] * sum(phi_i[k][o] * phi_i[l][o] for phi_i in phi for o in range(len(phi_i[0])))
+               for q, (k, l) in enumerate(zip(rows, cols)))
+    return (np.sqrt(v) * linear + v * pair) / len(net.x)
+
+
+def _grad(fn):
+    """Per-replica gradient of fn(params, ...) -> (C,): autodiff of the sum over replicas (replicas
+    do not interact, so d(sum_r f_r)/d theta_r is replica r's gradient; second derivatives alike)."""
+    return jax.grad(lambda params, *args: jnp.sum(fn(params, *args)))
+
+
+def _sq(tree) -> jax.Array:
+    """||theta_r||^2 per replica of a lists-of-replica-vectors pytree. (C,)."""
+    return sum(a**2 for a in jax.tree_util.tree_leaves(tree))
 
 
 def drift_potential(net: Net, kind: str, params, zeta, z, *, lr) -> jax.Array:
-    """U of `sme.sde.drift_potential` (closed-form L_S; r2 with the sample trace)."""
+    """U of `sme.sde.drift_potential` (closed-form L_S; r2 with the sample trace). (C,)."""
+    loss = modified_loss(net, params)
     if kind == "order1":
-        return modified_loss(net, params)
-    loss, grad_l = jax.value_and_grad(lambda p: modified_loss(net, p))(params)
-    potential = loss + 0.25 * lr * _sq(grad_l)
+        return loss
+    potential = loss + 0.25 * lr * _sq(_grad(lambda p: modified_loss(net, p))(params))
     if kind == "order2":
         return potential
-    sample = jax.grad(lambda p: noise_potential(net, p, zeta, z))(params)
-    return potential + 0.25 * lr * _sq(sample)
-
-
-def _sq(tree):
-    return sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(tree))
+    return potential + 0.25 * lr * _sq(_grad(lambda p: noise_potential(net, p, zeta, z))(params))
 
 
 def increment(net: Net, kind: str, params, zeta, z, *, h, lr, diffusion: bool):
@@ -162,7 +214,7 @@ def increment(net: Net, kind: str, params, zeta, z, *, h, lr, diffusion: bool):
             value = value + jnp.sqrt(lr * h) * noise_potential(net, p, zeta, z)
         return value
 
-    return jax.grad(total)(params)
+    return _grad(total)(params)
 
 
 def _add(a, b):
@@ -177,10 +229,10 @@ def _axpy(alpha, x, y):
 
 
 class StepNoise(NamedTuple):
-    """A step's random numbers for a chunk of C replicas (leading axis C; per replica below).
+    """A step's random numbers for a chunk of C replicas, replica axis last.
 
-    ``u`` (m,): uniforms of the discrete mask (kept iff u < p); ``normals``: per noise tag, the
-    fine grid's standard normals (F, m + m(m-1)/2), zeta first; ``svag_u`` (l_svag, 2, m).
+    ``u`` (m, C): uniforms of the discrete mask (kept iff u < p); ``normals``: per noise tag, the
+    fine grid's standard normals (F, m + m(m-1)/2, C), zeta first; ``svag_u`` (l_svag, 2, m, C).
     """
 
     u: jax.Array
@@ -193,66 +245,75 @@ def _masks(u, keep_prob):
 
 
 def em_noises(spec, normals: jax.Array, zeta_step, m: int):
-    """Fine (and with Richardson coarse) substep noises [(zeta (m,), z (q,))] from (F, m + q) normals:
-    under quantile coupling the fine zetas are the Brownian bridge pinned to the step's coupled
-    zeta (`sme.sde.bridge`); the coarse grid gets pairwise sums / sqrt 2 (`sme.sde.coarsen`)."""
+    """Fine (and with Richardson coarse) substep noises, each (zeta (S, m, C), z (S, q, C)), from the
+    (F, m + q, C) normals: under quantile coupling the fine zetas are the Brownian bridge pinned to
+    the step's coupled zeta (`sme.sde.bridge`); the coarse grid gets pairwise sums / sqrt 2 (`sme.sde.coarsen`)."""
     zeta, z = normals[:, :m], normals[:, m:]
+    fine = normals.shape[0]
     if zeta_step is not None:
-        fine = normals.shape[0]
         zeta = zeta_step[None] / jnp.sqrt(jnp.asarray(fine, zeta.dtype)) + zeta - jnp.mean(zeta, axis=0, keepdims=True)
-    fine = [(zeta[j], z[j]) for j in range(normals.shape[0])]
     if not spec.richardson:
-        return fine, None
-    root2 = jnp.sqrt(jnp.asarray(2.0, normals.dtype))
-    coarse = [((fine[2 * j][0] + fine[2 * j + 1][0]) / root2, (fine[2 * j][1] + fine[2 * j + 1][1]) / root2)
-              for j in range(len(fine) // 2)]
-    return fine, coarse
+        return (zeta, z), None
+    pairs = lambda a: (a[0::2] + a[1::2]) / jnp.sqrt(jnp.asarray(2.0, a.dtype))
+    return (zeta, z), (pairs(zeta), pairs(z))
+
+
+def _em_path(net, kind, params, noises, *, h, lr, diffusion):
+    """Euler-Maruyama over the substeps of ``noises`` (a `lax.scan`: one compiled body per grid)."""
+
+    def body(p, xs):
+        zeta, z = xs
+        return _add(p, increment(net, kind, p, list(zeta), list(z), h=h, lr=lr, diffusion=diffusion)), None
+
+    return jax.lax.scan(body, params, noises)[0]
 
 
 def batched_step(spec, net: Net, paths: dict, noise: StepNoise, lr) -> dict:
     """Discrete step N -> N + 1 of every path (names of `sme.lockstep.path_names`) of a chunk of
-    replicas (leading axis): `replica_step` vmapped."""
-    return jax.vmap(lambda p, nz: replica_step(spec, net, p, nz, lr))(paths, noise)
+    replicas (leading axis C, as in `sme.lockstep.Lockstep`)."""
+    lists = {k: to_lists(v) for k, v in paths.items()}
+    new = list_step(spec, net, lists, noise, lr)
+    return {k: from_lists(new[k], paths[k]) for k in new}
 
 
-def replica_step(spec, net: Net, paths: dict, noise: StepNoise | None, lr) -> dict:
-    """Discrete step N -> N + 1 of the paths in ``paths`` (any subset) of one replica, pure in its
-    noise (None when ``paths`` holds ODE paths only: they use none)."""
+def list_step(spec, net: Net, paths: dict, noise: StepNoise | None, lr) -> dict:
+    """`batched_step` on paths held as lists of replica vectors (`to_lists`); any subset of the
+    paths; ``noise`` None when ``paths`` holds ODE paths only (they use none)."""
     from sme.lockstep import ODE_DRIFTS, SHARED_TAG, TAGS  # noqa: PLC0415 (lockstep imports this module)
 
     new, grids = {}, {}
-    if noise is None:
-        zeros = jnp.zeros((spec.fine_substeps, 0), net.x.dtype)
-        noise = StepNoise(None, {t: zeros for t in (*TAGS.values(), SHARED_TAG)}, None)
     if "discrete" in paths:
-        eta = _masks(noise.u, net.keep_prob)
-        grad = jax.grad(lambda p: dropout_risk(net, p, eta))(paths["discrete"])
+        eta = list(_masks(noise.u, net.keep_prob))
+        grad = _grad(lambda p: dropout_risk(net, p, eta))(paths["discrete"])
         new["discrete"] = _axpy(-lr, grad, paths["discrete"])
-    zeta_step = coupled_normals(noise.u) if spec.coupling == "quantile" and noise.u is not None else None
-    m = 0 if noise.u is None else noise.u.shape[0]
+    quantile = spec.coupling == "quantile" and noise is not None
+    zeta_step = coupled_normals(noise.u) if quantile else None
+    m = len(net.x[0]) if not net.activation else len(paths[next(iter(paths))]["out"]["w"])
     for v in spec.em_variants:
         if v not in paths:
             continue
         tag = TAGS[v] if spec.coupling == "none" else SHARED_TAG
         if tag not in grids:
-            grids[tag] = em_noises(spec, noise.normals[tag], zeta_step, m)
+            if noise is None:  # ODE only: a zero-size noise of the right number of substeps
+                empty = jnp.zeros((spec.fine_substeps, 0, 1), net.dtype)
+                grids[tag] = ((empty, empty), (empty[: spec.substeps], empty[: spec.substeps]) if spec.richardson else None)
+            else:
+                grids[tag] = em_noises(spec, noise.normals[tag], zeta_step, m)
         fine, coarse = grids[tag]
         kind, with_diffusion = ODE_DRIFTS.get(v, v), v not in ODE_DRIFTS
-        for name, noises, h in ((v, fine, lr / spec.fine_substeps), (v + "/coarse", coarse, lr / spec.substeps)):
-            if noises is None:
-                continue
-            p = paths[name]
-            for zeta, z in noises:
-                p = _add(p, increment(net, kind, p, zeta, z, h=h, lr=lr, diffusion=with_diffusion))
-            new[name] = p
+        new[v] = _em_path(net, kind, paths[v], fine, h=lr / spec.fine_substeps, lr=lr, diffusion=with_diffusion)
+        if spec.richardson:
+            new[v + "/coarse"] = _em_path(net, kind, paths[v + "/coarse"], coarse, h=lr / spec.substeps, lr=lr,
+                                          diffusion=with_diffusion)
     if "svag" in paths:
         c_plus, c_minus = svag_coefficients(spec.svag_substeps)
-        p = paths["svag"]
-        for j in range(spec.svag_substeps):
-            e1, e2 = _masks(noise.svag_u[j, 0], net.keep_prob), _masks(noise.svag_u[j, 1], net.keep_prob)
-            g = jax.grad(lambda q: c_plus * dropout_risk(net, q, e1) + c_minus * dropout_risk(net, q, e2))(p)
-            p = _axpy(-lr / spec.svag_substeps, g, p)
-        new["svag"] = p
+
+        def body(p, u_pair):
+            e1, e2 = list(_masks(u_pair[0], net.keep_prob)), list(_masks(u_pair[1], net.keep_prob))
+            g = _grad(lambda q: c_plus * dropout_risk(net, q, e1) + c_minus * dropout_risk(net, q, e2))(p)
+            return _axpy(-lr / spec.svag_substeps, g, p), None
+
+        new["svag"] = jax.lax.scan(body, paths["svag"], noise.svag_u)[0]
     return new
 
 
@@ -265,12 +326,12 @@ def _block_key(seed: int, stream: int, step, block, purpose: int):
 
 
 def _draw(sampler, seed, stream, step, first_block, num_blocks: int, purpose: int, shape, dtype):
-    """(num_blocks * BLOCK, *shape): block b's (*shape, BLOCK) draw from its own key, column j for
+    """(*shape, num_blocks * BLOCK): block b's (*shape, BLOCK) draw from its own key, column j for
     replica b BLOCK + j."""
     blocks = first_block + jnp.arange(num_blocks)
     keys = jax.vmap(lambda b: _block_key(seed, stream, step, b, purpose))(blocks)
     draws = jax.vmap(lambda k: sampler(k, (*shape, BLOCK), dtype))(keys)  # (k, *shape, B)
-    return jnp.moveaxis(draws, -1, 1).reshape(num_blocks * BLOCK, *shape)
+    return jnp.moveaxis(draws, 0, -2).reshape(*shape, num_blocks * BLOCK)
 
 
 def step_noise(spec, m: int, step, first_block, num_blocks: int, dtype) -> StepNoise:
@@ -302,8 +363,11 @@ def _advance_odes(spec, net: Net, odes: dict, num_steps, lr) -> dict:
     """The ODE controls use no noise (closed-form drift), so replicas that start at one point (as
     `sme.lockstep.init_lockstep` puts them) stay there: one replica is integrated and broadcast.
     Replicas that differ are integrated each (`lax.cond`)."""
-    run = lambda paths: jax.lax.fori_loop(0, num_steps, lambda i, p: jax.vmap(
-        lambda q: replica_step(spec, net, q, None, lr))(p), paths)
+    def run(paths):
+        lists = jax.lax.fori_loop(0, num_steps, lambda i, p: list_step(spec, net, p, None, lr),
+                                  {k: to_lists(v) for k, v in paths.items()})
+        return {k: from_lists(lists[k], paths[k]) for k in paths}
+
     leaves = jax.tree_util.tree_leaves(odes)
     same = jnp.all(jnp.stack([jnp.all(a == a[:1]) for a in leaves]))
     one = lambda paths: jax.tree_util.tree_map(
@@ -338,9 +402,10 @@ def make_advance(spec):
 
             def body(i, p):
                 noise = step_noise(spec, m, state.step + i, first, chunk // BLOCK, dtype)
-                return batched_step(spec, net, p, noise, lr)
+                return list_step(spec, net, p, noise, lr)
 
-            return jax.lax.fori_loop(0, num_steps, body, paths)
+            lists = jax.lax.fori_loop(0, num_steps, body, {k: to_lists(v) for k, v in paths.items()})
+            return {k: from_lists(lists[k], paths[k]) for k in paths}
 
         odes = {k: v for k, v in state.paths.items() if k.split("/")[0] in ODE_DRIFTS}
         noisy = {k: v for k, v in state.paths.items() if k not in odes}

@@ -59,7 +59,9 @@ def reference_step(spec, problem, params, noise, lr):
             new["svag"] = q
         return new
 
-    return jax.vmap(one)(params, noise.u, noise.normals, noise.svag_u)
+    move = lambda a: None if a is None else jnp.moveaxis(a, -1, 0)  # the batched draws are replica-last
+    normals = {t: move(a) for t, a in noise.normals.items()}
+    return jax.vmap(one)(params, move(noise.u), normals, move(noise.svag_u))
 
 
 @pytest.mark.parametrize("variants,coupling,richardson,bias", [
