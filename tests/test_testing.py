@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sme import testing
+from sme import diffusion, testing
 
 
 def test_matrix_with_spectrum_has_the_prescribed_eigenvalues_and_eigenvectors():
@@ -40,6 +40,15 @@ def test_problems_are_float64_under_the_x64_fixture_and_the_same_for_a_seed(x64,
     two = testing.two_layer_problem(n=3)
     assert two[0].spec.hidden == (3,) and two[2].shape == (3, 2) and two[3].shape == (3, 1)
     assert tiny_mlp[2].dtype == jnp.float64 and tiny_mlp[0].spec.hidden == (5, 4)
+
+
+def test_problem_fixture_bundles_the_tiny_mlp_and_keys_are_distinct(x64, problem, tiny_mlp, keys):
+    bundle, params = problem
+    assert bundle.model is tiny_mlp[0] and params is tiny_mlp[1] and bundle.x is tiny_mlp[2]
+    masks = diffusion.draw_masks(bundle, key=keys(1)[0], num_masks=3)
+    assert [m.shape for m in masks] == [(3, 5), (3, 4)]  # shared: one mask per site and draw
+    k = jax.random.key_data(keys(4))
+    assert len({tuple(np.asarray(row).ravel()) for row in k}) == 4
 
 
 def test_bad_input_is_named():
