@@ -27,7 +27,10 @@ Common random numbers (``coupling``):
   correlated with the discrete noise (per unit ~0.6-0.8). The residual noise (mask interactions)
   and SVAG stay independent. Needs the ``exact`` or ``closed_form`` diffusion.
 
-`replica_step` is the one-replica step, vmapped once over the replica axis in `make_advance`.
+`replica_step` is the one-replica step, vmapped once over the replica axis in `make_advance`
+(``layout='replica'``, the default). ``layout='batched'`` runs the same processes for the E1 class
+of problems with one random draw per block of replicas and fixed-size chunks
+(`sme.lockstep_batched`): the same law, other random numbers.
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ def replica_step(spec: LockstepSpec, paths: dict, step, replica, lr, problem: Pr
 def make_advance(spec: LockstepSpec):
     """``advance(state, num_steps, lr, problem) -> state``: a `fori_loop` (traced trip count) of
     replica steps vmapped over the replica axis. Jit it once; lr and the data are traced.
-    ``layout='batched'``: `sme.lockstep_batched.make_advance` (replica axis last, chunked)."""
+    ``layout='batched'``: `sme.lockstep_batched.make_advance` (replica vectors, block draws, chunks)."""
     if spec.layout == "batched":
         return lockstep_batched.make_advance(spec)
     batched = jax.vmap(lambda paths, step, r, lr, prob: replica_step(spec, paths, step, r, lr, prob),

@@ -1,32 +1,37 @@
-"""The lockstep of `sme.lockstep` for many replicas: replica axis last, one random draw per block.
+"""The lockstep of `sme.lockstep` for many replicas: replica vectors, one random draw per block, chunks.
 
 The E1 net (an MLP with one hidden layer, dropout on it, MSE, shared masks, the closed-form L_S and
-Sigma^{1/2}) has P = d m + m o parameters: a replica-step is a few thousand FLOPs spread over
-tensors of a few dozen entries. Vmapped over a leading replica axis (`sme.lockstep.make_advance`),
-every contraction becomes a batch of tiny matmuls and every key a per-replica `fold_in`. Here the
-same processes are written for parameters laid out replica-last (structure of arrays: W1 (d, m, C),
-W2 (m, o, C) for a chunk of C replicas), so every operation is an elementwise loop over the
-replica axis, which the vector units take C lanes at a time:
+Sigma^{1/2}; also the frozen-feature readout of `sme.exact`) has P = d m + m o parameters: a replica-step
+of the full E1 set (discrete GD, order 1/2/r2 and the ODE controls on two Richardson grids, SVAG(4))
+is ~1.3e5 FLOPs (XLA's count) spread over tensors of a few dozen entries. Vmapped over a leading
+replica axis (`sme.lockstep.make_advance`), every contraction is a batch of tiny matmuls whose inner
+loops run over 2 to 8 entries, and every key a per-replica `fold_in`. Here:
 
-* forward pass, R^drop, the closed-form L_S = R_S + R_1 and the closed-form diffusion potential Q
-  (`sme.diffusion.closed_form_potential`) are sums of broadcast products over the small axes;
+* inside a chunk every parameter entry is one vector over the C replicas (`to_lists`), and the forward
+  pass, R^drop, the closed-form L_S = R_S + R_1 and the closed-form diffusion potential Q
+  (`sme.diffusion.closed_form_potential`) are written over the unrolled small axes (n, d, m, o), so
+  every operation is elementwise over the replicas and XLA fuses each gradient into loops the vector
+  units run many replicas at a time;
 * gradients, the order-2 correction (grad ||grad L_S||^2) and the r2 sample trace (grad ||grad Q||^2)
   are autodiff of the SUM over replicas: replicas do not interact, so d(sum_r f_r)/d theta_r is
   replica r's gradient, and second derivatives follow the same way;
 * random numbers: one draw per process and step for a block of `BLOCK` replicas (key of (seed,
   stream, step, block)), never a per-replica key; replica r takes column r mod BLOCK of block
   r // BLOCK, so results depend neither on the chunk size nor on R (replica r's path is the same in
-  every run with the same seed and at least r + 1 replicas);
+  every run with the same seed and at least r + 1 replicas), up to float rounding;
 * the replica axis is cut in chunks of ``LockstepSpec.chunk_size`` replicas (a multiple of BLOCK),
-  run one after the other with `lax.map`, each for all steps of the `advance` call, so the working
-  set is bounded by the chunk and stays in cache.
+  run one after the other with `lax.map`, each for all steps of the `advance` call, so memory is
+  bounded by the chunk;
+* the ODE controls use no noise: replicas that share their start (as `init_lockstep` puts them)
+  share the whole path, which is integrated once.
 
 The processes are those of `sme.lockstep` with its conventions (Euler-Maruyama substeps, Richardson
 on nested grids fed one Brownian path, quantile coupling through `coupled_normals` and a Brownian
 bridge, SVAG(l)); only the random numbers differ, so the laws are the same and the numbers are not
 (`layout='replica'` keeps the per-replica keys and every number of earlier runs). `batched_step` is
 pure in its noise: given the same normals and uniforms it equals the vmapped per-replica step to
-float tolerance (tests/test_lockstep_large_r.py).
+float tolerance (tests/test_lockstep_large_r.py). The price of the unrolled form is compile time
+(minutes for the full E1 set on a loaded 2-core machine).
 """
 
 from __future__ import annotations
