@@ -29,7 +29,7 @@ if _CACHE != "0":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # The tests compile thousands of tiny XLA programs and run each a few times, so LLVM's optimisation
-# passes cost more than they save: without them the default tier takes about a third less CPU.
+# passes cost more than they save: without them in-process tests take a quarter to a third less CPU.
 # Floating-point semantics are unchanged (fast-math stays off, so no reassociation). This process
 # only: the flag leaves the environment after the first compilation has read it, so the train.py and
 # analyze.py subprocesses that tests start compile as users' runs do. SME_TEST_XLA_OPT=1 keeps LLVM's
