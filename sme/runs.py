@@ -39,6 +39,7 @@ import time
 import jax
 import numpy as np
 
+from configs import base as base_config
 from sme import config as config_lib
 from sme import distributed, io
 from sme.distributed import barrier, to_host  # noqa: F401  (re-exported for the drivers)
@@ -90,6 +91,9 @@ def read_run_config(workdir: str) -> dict:
 def check_same_run(cfg, workdir: str) -> bool:
     """True when ``workdir`` holds a run of the same config, False when it holds no config.json.
 
+    A field the saved config lacks (added to ``configs/base.py`` later) counts as equal when the
+    new config holds its base default.
+
     Raises:
       ConfigError: the saved config differs in a field other than `RESUMABLE_CHANGES`.
       RunError: config.json is unreadable.
@@ -99,6 +103,12 @@ def check_same_run(cfg, workdir: str) -> bool:
     saved = read_run_config(workdir)["config"]
     now = config_lib._flatten(cfg.to_dict())
     old = config_lib._flatten(saved)
+    # A field added to configs/base.py after the run started is absent from its config.json: at its
+    # default it describes the same run (the run was made with the behaviour the default keeps).
+    defaults = config_lib._flatten(base_config.get_config().to_dict())
+    for k in set(now) - set(old):
+        if k in defaults and _norm(now[k]) == _norm(defaults[k]):
+            old[k] = now[k]
     diffs = sorted(k for k in set(now) | set(old)
                    if k not in RESUMABLE_CHANGES and _norm(now.get(k)) != _norm(old.get(k)))
     if diffs:

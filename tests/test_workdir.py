@@ -466,3 +466,19 @@ def test_a_rerun_restores_summary_entries_another_writer_dropped(trained, tmp_pa
     io.write_json(path, {"other": {"0": {"x": 1.0}}}, digest=True)  # a valid summary without our entries
     again = runner.analyse_run(workdir, _request(scale=1.0))
     assert _text(again["toy_scaled"]) == _text(first["toy_scaled"]) and again["other"] == {"0": {"x": 1.0}}
+
+
+def test_field_added_later_at_its_default_resumes(tmp_path):
+    """A run whose config.json predates a field (here `penalty_lr`, default -1) resumes when the field
+    holds its base default, and is refused, naming the field, when it does not."""
+    cfg = smoke.get_config()
+    workdir = str(tmp_path)
+    runs.write_run_config(workdir, cfg)
+    saved = io.read_json(runs.config_path(workdir))
+    del saved["config"]["penalty_lr"]
+    io.write_json(runs.config_path(workdir), saved, digest=True)
+    assert runs.check_same_run(cfg, workdir)
+
+    cfg.penalty_lr = 0.01
+    with pytest.raises(config_lib.ConfigError, match=r"config.penalty_lr: None -> 0.01"):
+        runs.check_same_run(cfg, workdir)
