@@ -10,6 +10,7 @@ Float64 problems need x64 switched on (the ``x64`` fixture of ``tests/conftest.p
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sme import models
+from sme.analyses import Context
+from sme.data import Dataset
 
 # Test spectra of 120 eigenvalues (those of matfree's tests): a linear ramp (small relative
 # gaps at the top), a geometric decay, and a flat block then a cliff (two clusters).
@@ -133,3 +136,64 @@ def write_cifar10(directory: str, per_batch: int = 2, num_test: int = 3) -> dict
     write_cifar_file(os.path.join(directory, "test_batch.bin"), images, [[lab] for lab in labels])
     truth["test"].append((images, labels))
     return {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in truth.items()}
+
+
+# --- analysis contexts (the curvature and noise analyses' tests and the batched/conformance checks) ---
+
+def curvature_model(keep_prob: float = 0.7):
+    """The 3-5-2 tanh MLP of the curvature-analysis tests."""
+    return models.make_model("mlp", in_dim=3, hidden=(5,), out_dim=2, activation="tanh", keep_prob=keep_prob)
+
+
+@functools.lru_cache(maxsize=None)
+def _curvature_params(seed, dtype):  # shapes do not depend on keep_prob; one compilation for all contexts
+    return jax.jit(curvature_model().init, static_argnums=1)(jax.random.key(seed), dtype)
+
+
+def curvature_context(*, loss="mse", keep_prob=0.7, settings=None, dtype=jnp.float32, seed=0, **overrides):
+    """An analysis Context on 20 toy points for `curvature_model` (params from ``seed``)."""
+    model = curvature_model(keep_prob)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3)).astype(np.float32)
+    if loss == "cross_entropy":
+        y = np.eye(2, dtype=np.float32)[(x[:, 0] > 0).astype(int)]
+    else:
+        y = (np.tanh(x[:, :2]) + 0.3).astype(np.float32)
+    fields = dict(model=model, dataset=Dataset(x, y, x, y, 0, "toy"), loss=loss, mask_mode="shared", lr=0.1,
+                  params=_curvature_params(seed, jnp.dtype(dtype)), step=0, seed=0,
+                  replica=0, settings=settings or {}, run_config={})
+    fields.update(overrides)
+    return Context(**fields)
+
+
+def noise_context(*, loss="mse", name="mlp", mode="per_sample", settings=None, step=0, params_seed=1):
+    """A float64 analysis Context on 12 toy points (a 3-4-3-2 MLP, or the two-layer net) for the noise analyses."""
+    kwargs = dict(in_dim=3, hidden=(4, 3), out_dim=2, keep_prob=0.7, activation="tanh")
+    if name == "two_layer":
+        kwargs = dict(in_dim=3, hidden=(4,), out_dim=1, keep_prob=0.7)
+    model = models.make_model(name, **kwargs)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3))
+    y = rng.normal(size=(12, model.out_dim))
+    if loss == "cross_entropy":
+        y = np.eye(model.out_dim)[rng.integers(0, model.out_dim, 12)]
+    dataset = Dataset(x, y, x[:4], y[:4], model.out_dim if loss == "cross_entropy" else 0, "toy")
+    params = model.init(jax.random.key(params_seed), dtype=jnp.float64)
+    return Context(model=model, dataset=dataset, loss=loss, mask_mode=mode, lr=0.1, params=params, step=step,
+                   seed=0, replica=0, settings=dict(settings or {}), run_config={"train": {"batch_size": 4}})
+
+
+def assert_same_results(one, many, *, err=""):
+    """Every key equal: strings and integers exactly, floats to rtol 1e-4 (atol 1e-4 of the key's scale;
+    Lanczos residuals, rounding noise near 1e-7 of the spectrum, against the spectrum's scale): the
+    tolerance of batched-vs-one-at-a-time float32 analyses, whose reductions differ in order."""
+    assert set(one) == set(many), err
+    spectrum = max([float(np.max(np.abs(v), initial=0.0)) for k, v in one.items()
+                    if k.endswith(("_values", "_eigenvalues", "nodes"))] or [1.0])
+    for k, a in one.items():
+        b = many[k]
+        if a.dtype.kind != "f":
+            np.testing.assert_array_equal(b, a, err_msg=f"{err} {k}")
+            continue
+        scale = spectrum if k.endswith("residuals") else float(np.max(np.abs(a), initial=0.0))
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale, err_msg=f"{err} {k}")

@@ -27,29 +27,15 @@ from configs import smoke
 from sme import io, rng
 from sme.analyses import REGISTRY, Analysis, common
 from sme.analyses.runner import Progress, Request, analyse_run
+from sme.testing import assert_same_results, noise_context
+from sme.testing import curvature_context as _context
 from sme.train import loop
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_analyses_curvature import _context  # noqa: E402
 
 SETTINGS = {"hessian": dict(order=20, top_k=3, bottom_k=1, num_probes=4, hutchpp_sketch=2),
             "fisher": dict(order=10, top_k=2, num_examples=100),
             "covariance": dict(num_masks=4, top_k=2, sgd_examples=16, decomposition_masks=2,
                                decomposition_examples=8)}
-
-
-def assert_same_results(one, many, *, err=""):
-    """Every key equal: strings and integers exactly, floats within the tolerance of the module docstring."""
-    assert set(one) == set(many), err
-    spectrum = max([float(np.max(np.abs(v), initial=0.0)) for k, v in one.items()
-                    if k.endswith(("_values", "_eigenvalues", "nodes"))] or [1.0])
-    for k, a in one.items():
-        b = many[k]
-        if a.dtype.kind != "f":
-            np.testing.assert_array_equal(b, a, err_msg=f"{err} {k}")
-            continue
-        scale = spectrum if k.endswith("residuals") else float(np.max(np.abs(a), initial=0.0))
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale, err_msg=f"{err} {k}")
 
 
 @pytest.mark.parametrize("name, settings, mask_mode", [
@@ -79,7 +65,6 @@ def test_batch_fn_equals_one_at_a_time(name, settings, mask_mode):
                        num_probes=4, max_enumerated_units=0, hessian_masks=3), "cross_entropy"),
 ])
 def test_noise_batch_fn_equals_one_at_a_time(name, settings, loss):
-    from test_analyses_noise import _context as noise_context
 
     with jax.enable_x64(True):
         ctxs = [noise_context(loss=loss, settings=settings, step=s, params_seed=s + 1) for s in range(3)]

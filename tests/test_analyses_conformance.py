@@ -16,7 +16,6 @@ the trained run unless it reads an SME sweep (``SWEEP``). For each analysis:
 
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -25,10 +24,8 @@ from configs import sme_weak_error, smoke
 from sme import driver, io
 from sme.analyses import load_all
 from sme.analyses.runner import Request, analyse_run
+from sme.testing import assert_same_results
 from sme.train import loop
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_analyses_batched import assert_same_results  # noqa: E402
 
 N = 60  # training examples the analyses use: seconds, not minutes
 SETTINGS = {

@@ -5,7 +5,6 @@ functions; with P = 32 <= order the Lanczos runs span the whole space, so Ritz
 values are exact up to rounding (float64: 1e-9 is generous).
 """
 
-import functools
 import json
 import os
 
@@ -16,35 +15,15 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from sme import losses
-from sme.analyses import REGISTRY, Context
+from sme.analyses import REGISTRY
 from sme.analyses import curvature as cu
-from sme.data import Dataset
 from sme.dropout import sample_masks
 from sme.models import make_model
+from sme import testing
 
 
-def _model(keep_prob=0.7):
-    return make_model("mlp", in_dim=3, hidden=(5,), out_dim=2, activation="tanh", keep_prob=keep_prob)
-
-
-@functools.lru_cache(maxsize=None)
-def _params(seed, dtype):  # shapes do not depend on keep_prob; one compilation for all contexts
-    return jax.jit(_model().init, static_argnums=1)(jax.random.key(seed), dtype)
-
-
-def _context(*, loss="mse", keep_prob=0.7, settings=None, dtype=jnp.float32, seed=0, **overrides):
-    model = _model(keep_prob)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(20, 3)).astype(np.float32)
-    if loss == "cross_entropy":
-        y = np.eye(2, dtype=np.float32)[(x[:, 0] > 0).astype(int)]
-    else:
-        y = (np.tanh(x[:, :2]) + 0.3).astype(np.float32)
-    fields = dict(model=model, dataset=Dataset(x, y, x, y, 0, "toy"), loss=loss, mask_mode="shared", lr=0.1,
-                  params=_params(seed, jnp.dtype(dtype)), step=0, seed=0,
-                  replica=0, settings=settings or {}, run_config={})
-    fields.update(overrides)
-    return Context(**fields)
+_model = testing.curvature_model
+_context = testing.curvature_context
 
 
 def _dense(fn, params):

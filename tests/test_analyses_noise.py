@@ -11,26 +11,12 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sme import grads, losses, models
-from sme.analyses import Context, as_numpy, load_all
+from sme import grads, losses, models, testing
+from sme.analyses import as_numpy, load_all
 from sme.analyses import noise
-from sme.data import Dataset
 
 
-def _context(*, loss="mse", name="mlp", mode="per_sample", settings=None, step=0, params_seed=1):
-    kwargs = dict(in_dim=3, hidden=(4, 3), out_dim=2, keep_prob=0.7, activation="tanh")
-    if name == "two_layer":
-        kwargs = dict(in_dim=3, hidden=(4,), out_dim=1, keep_prob=0.7)
-    model = models.make_model(name, **kwargs)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(12, 3))
-    y = rng.normal(size=(12, model.out_dim))
-    if loss == "cross_entropy":
-        y = np.eye(model.out_dim)[rng.integers(0, model.out_dim, 12)]
-    dataset = Dataset(x, y, x[:4], y[:4], model.out_dim if loss == "cross_entropy" else 0, "toy")
-    params = model.init(jax.random.key(params_seed), dtype=jnp.float64)
-    return Context(model=model, dataset=dataset, loss=loss, mask_mode=mode, lr=0.1, params=params, step=step,
-                   seed=0, replica=0, settings=dict(settings or {}), run_config={"train": {"batch_size": 4}})
+_context = testing.noise_context
 
 
 def _masks(ctx, key, k):
