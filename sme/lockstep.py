@@ -42,20 +42,18 @@ import jax
 import jax.numpy as jnp
 
 from sme import lockstep_batched, losses, rng, sde
+from sme.lockstep_state import ODE_DRIFTS, SHARED_TAG, TAGS, Lockstep  # noqa: F401  (re-exported)
 from sme.diffusion import (MAX_ENUMERATED_UNITS, Problem, check_diffusion, coupled_normals, masks_from_uniforms,
                            num_units, unit_uniforms)
 from sme.dropout import sample_masks
 from sme.models import batch_apply
 
 # The no-diffusion controls: the ODE with the order-1 or order-2 drift (Sigma = 0).
-ODE_DRIFTS = {"ode1": "order1", "ode2": "order2"}
 EM_VARIANTS = (*sde.DRIFTS, *ODE_DRIFTS)  # order1, order2, r2, ode1, ode2
 VARIANTS = (*EM_VARIANTS, "svag")
 COUPLINGS = ("none", "variants", "quantile")
 LAYOUTS = ("replica", "batched")
 # Noise tags of the SDE stream: never renumber (they are part of the reproducibility contract).
-TAGS = {"order1": 1, "order2": 2, "r2": 3, "svag": 4, "ode1": 5, "ode2": 6}
-SHARED_TAG = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +107,6 @@ def check_spec(spec: LockstepSpec, problem: Problem, *, max_units: int = MAX_ENU
         raise ValueError(f"unknown layout {spec.layout!r}; expected one of {LAYOUTS}")
     if spec.layout == "batched":
         lockstep_batched.check_batched(spec, problem)
-
-
-class Lockstep(NamedTuple):
-    """step: int32 scalar; paths: name -> params with a leading replica axis R."""
-
-    step: jax.Array
-    paths: dict
 
 
 def path_names(spec: LockstepSpec) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sme import rng
+from sme.lockstep_state import ODE_DRIFTS, SHARED_TAG, TAGS, Lockstep
 from sme.diffusion import Problem, coupled_normals
 from sme.exact import ReadoutSpec
 from sme.models import ACTIVATIONS, MLPSpec
@@ -284,7 +285,6 @@ def batched_step(spec, net: Net, paths: dict, noise: StepNoise, lr) -> dict:
 def list_step(spec, net: Net, paths: dict, noise: StepNoise | None, lr) -> dict:
     """`batched_step` on paths held as lists of replica vectors (`to_lists`); any subset of the
     paths; ``noise`` None when ``paths`` holds ODE paths only (they use none)."""
-    from sme.lockstep import ODE_DRIFTS, SHARED_TAG, TAGS  # noqa: PLC0415 (lockstep imports this module)
 
     new, grids = {}, {}
     if "discrete" in paths:
@@ -341,7 +341,6 @@ def _draw(sampler, seed, stream, step, first_block, num_blocks: int, purpose: in
 
 def step_noise(spec, m: int, step, first_block, num_blocks: int, dtype) -> StepNoise:
     """The StepNoise of blocks [first_block, first_block + num_blocks) at discrete step N."""
-    from sme.lockstep import SHARED_TAG, TAGS  # noqa: PLC0415
 
     seed, q = spec.seed, m * (m - 1) // 2
     u = _draw(jax.random.uniform, seed, rng.DROPOUT, step, first_block, num_blocks, DISCRETE, (m,), dtype)
@@ -383,7 +382,6 @@ def _advance_odes(spec, net: Net, odes: dict, num_steps, lr) -> dict:
 def make_advance(spec):
     """``advance(state, num_steps, lr, problem) -> state`` like `sme.lockstep.make_advance`: chunks of
     replicas one after the other (`lax.map`), each all ``num_steps`` steps in a `fori_loop`."""
-    from sme.lockstep import ODE_DRIFTS, Lockstep  # noqa: PLC0415
 
     def advance(state, num_steps, lr, problem: Problem):
         check_batched(spec, problem)
