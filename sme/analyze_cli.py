@@ -67,6 +67,31 @@ def parse_settings(items):
     return settings
 
 
+HEADLINE_KEYS = 8  # scalars per analysis in the printed table (the largest eigenvalue and its residual first)
+
+
+def format_headlines(summary: dict, names) -> str:
+    """A short table of each analysis's scalars at its last step (4 significant digits): analysis,
+    step, then ``key=value`` pairs, ``lambda_max`` and its residual first. Settings and strings are left
+    out (they are in ``settings.json``); ``summary.json`` holds every scalar of every step."""
+    lines = []
+    for label in sorted(summary):
+        if label == "failures" or not isinstance(summary[label], dict) or \
+                not any(label == n or label.startswith(n + "/") or label.startswith(n + "_") for n in names):
+            continue
+        steps = [k for k in summary[label] if str(k).lstrip("-").isdigit()]
+        if not steps:
+            continue
+        last = max(steps, key=int)
+        values = {k: v for k, v in summary[label][last].items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        order = sorted(values, key=lambda k: (not k.endswith(("_max", "_max_residual")), k))
+        cells = [f"{k}={values[k]:.4g}" for k in order[:HEADLINE_KEYS]]
+        more = f" (+{len(order) - HEADLINE_KEYS} in summary.json)" if len(order) > HEADLINE_KEYS else ""
+        lines.append(f"  {label:<16} step {last:>7}  " + "  ".join(cells) + more)
+    return "\n".join(lines) if lines else "  (no scalars)"
+
+
 def main(argv):
     del argv
     from sme.probe import quiet_tpu_probe
@@ -132,6 +157,7 @@ def main(argv):
 
                 write_summary(workdir, summary)
             print(f"{workdir}: wrote {workdir}/analysis ({', '.join(_ANALYSES.value)})")
+            print(format_headlines(summary, _ANALYSES.value))
             for failure in summary.get("failures", []):
                 print(f"  failed: {failure}", file=sys.stderr)
             failed = failed or bool(summary.get("failures"))

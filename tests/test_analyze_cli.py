@@ -71,3 +71,19 @@ def test_compare_runs_collects_each_runs_numbers(smoke_run):
         assert table[label]["60"] == pytest.approx(final["train/risk"], rel=1e-5)
     assert table["run"]["60"] != table["other"]["60"]  # dropout and no dropout train differently
     assert os.path.exists(out / "compare_profile.png")
+
+
+def test_analyze_prints_headline_table_with_lambda_max(smoke_run):
+    """The printed table and summary.json carry lambda_max and its residual, equal to the artifact's
+    largest Ritz value and residual (the same float, printed to 4 significant digits)."""
+    root, tmp, workdir = smoke_run
+    proc = _run([os.path.join(root, "analyze.py"), f"--workdir={workdir}", "--analyses=hessian", "--steps=60",
+                 "--set=hessian.order=8", "--set=hessian.top_k=2", "--set=hessian.bottom_k=0",
+                 "--set=hessian.num_probes=2", "--set=hessian.hutchpp_sketch=0"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arrays = io.load_arrays(str(workdir / "analysis" / "hessian" / f"step_{60:09d}.npz"))
+    summary = json.load(open(workdir / "analysis" / "summary.json"))["hessian"]["60"]
+    assert summary["lambda_max"] == float(arrays["top_values"][0])
+    assert summary["lambda_max_residual"] == float(arrays["top_residuals"][0])
+    line = next(l for l in proc.stdout.splitlines() if l.strip().startswith("hessian"))
+    assert f"lambda_max={summary['lambda_max']:.4g}" in line and "lambda_max_residual=" in line, proc.stdout

@@ -145,7 +145,18 @@ def select_steps(available: list[int], spec: str, workdir: str) -> list[int]:
 
 
 def _scalars(result: dict) -> dict:
+    """The 0-d numbers and strings of an artifact, and the largest eigenvalue of each spectrum with its
+    residual (``top_values``/``top_residuals`` as ``lambda_max``/``lambda_max_residual``,
+    ``<name>_eigenvalues``/``<name>_residuals`` as ``<name>_max``/``<name>_max_residual``)."""
     out = {}
+    for k, v in result.items():
+        stem = "lambda" if k == "top_values" else k[:-len("_eigenvalues")] if k.endswith("_eigenvalues") else None
+        res = np.asarray(result.get("top_residuals" if k == "top_values" else f"{stem}_residuals", []))
+        a = np.asarray(v)
+        if stem and a.ndim == 1 and a.size and a.dtype.kind == "f":
+            out[f"{stem}_max"] = float(a[0])
+            if res.ndim == 1 and res.size == a.size:
+                out[f"{stem}_max_residual"] = float(res[0])
     for k, v in result.items():
         a = np.asarray(v)
         if a.ndim == 0 and a.dtype.kind in "fiub":
