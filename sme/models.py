@@ -87,6 +87,17 @@ class Model(NamedTuple):
     penultimate: Callable[..., jax.Array]  # penultimate(params, x, masks) -> (h_dim,)
     readout: Callable[[Any], jax.Array]  # readout(params) -> (h_dim, out_dim)
 
+    # Compared and hashed by (spec, sites): equal specs build equal functions, so a model can be a
+    # static argument of `jax.jit` and models of one architecture share compilations.
+    def __hash__(self):
+        return hash((self.spec, self.sites))
+
+    def __eq__(self, other):
+        return isinstance(other, Model) and (self.spec, self.sites) == (other.spec, other.sites)
+
+    def __ne__(self, other):
+        return not self == other
+
     @property
     def out_dim(self) -> int:
         return self.spec.out_dim

@@ -16,8 +16,9 @@ checkpoints at once.
 Analyses register themselves with `register`; modules are imported by
 `load_all()` so that importing `sme` stays free of side effects.
 
-Settings contract: ``fn`` validates ``ctx.settings`` (``common.fill_settings``
-and any further checks of the settings alone) before it reads anything else
+Settings contract: ``fn`` converts ``ctx.settings`` once into its frozen settings
+dataclass (``<Analysis>Settings.from_dict``, `sme.analyses.common.Settings`: defaults,
+types, unknown keys and any further checks of the settings alone) before it reads anything else
 from the context. `check_settings` relies on it to reject a bad ``--set`` for
 every requested analysis before any data or checkpoint is loaded.
 """
@@ -51,7 +52,8 @@ class Context:
       step: the checkpoint's training step N.
       seed: the run's seed.
       replica: which replica of the run `params` belongs to.
-      settings: this analysis's settings (a plain dict from the analysis config).
+      settings: this analysis's settings: a plain dict from the analysis config or ``--set``
+        (or already its `sme.analyses.common.Settings` dataclass).
       run_config: the run's full config as a plain dict (read-only, for the record).
       workdir: the run's directory (for analyses that read other run artifacts).
     """

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,18 +52,93 @@ def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
 # ----------------------------------------------------------------------------- analyses
 
 
-class BySpec:
-    """A Model compared by (spec, sites): `make_model` builds equal functions from equal specs,
-    so a run's checkpoints, and runs sharing an architecture, share compiled functions."""
+class Settings:
+    """Base of an analysis's settings: a frozen dataclass with one typed field (and default) per setting.
 
-    def __init__(self, model):
-        self.model = model
+    Frozen and compared by value, so equal settings hash equally and a settings object can be a
+    static argument of `jax.jit`: equal settings share one compilation. Build one from the dict of
+    the analysis config or the command line (``--set``) with `from_dict`, which fills defaults,
+    casts text to each field's type, refuses unknown keys and runs the analysis's further checks,
+    with the same one-line errors as `fill_settings`. ``s["key"]`` reads a field by the name the
+    saved JSON record uses; `as_dict` gives that record.
+    """
 
-    def __hash__(self):
-        return hash((self.model.spec, self.model.sites))
+    # fill(name, settings, defaults) -> dict: validation of the dict (``fill_settings`` plus the
+    # analysis's own checks); subclasses made by `settings_class` may give their own.
+    fill = staticmethod(fill_settings)
 
-    def __eq__(self, other):
-        return (self.model.spec, self.model.sites) == (other.model.spec, other.model.sites)
+    @classmethod
+    def defaults(cls) -> dict:
+        """Setting -> default, in declaration order."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, name: str, settings) -> "Settings":
+        """Validated settings of analysis ``name`` from a dict (an instance of ``cls`` passes through)."""
+        if isinstance(settings, cls):
+            return settings
+        return cls(**cls.fill(name, dict(settings), cls.defaults()))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The settings as the JSON string artifacts record (keys sorted)."""
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    def __getitem__(self, key: str):
+        if key not in self.defaults():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.defaults()
+
+
+def settings_class(cls_name: str, defaults: dict, fill=None) -> type:
+    """A frozen `Settings` dataclass with one field per item of ``defaults`` (typed as its default).
+
+    ``fill(name, settings, defaults) -> dict`` validates (default: `fill_settings`).
+    """
+    fields = [(key, type(value), dataclasses.field(default=value)) for key, value in defaults.items()]
+    namespace = {"fill": staticmethod(fill)} if fill is not None else {}
+    return dataclasses.make_dataclass(cls_name, fields, bases=(Settings,), frozen=True, namespace=namespace)
+
+
+# ----------------------------------------------------------------------------- compiled cores
+
+STATIC_ARGNAMES = ("model", "loss", "mode", "kind", "settings", "extra")
+
+
+def jit_core(fn):
+    """``fn(*arrays, model, loss, mode, kind, settings, extra)`` jitted with those keywords static.
+
+    The model is static by its spec (`sme.models.Model` hashes and compares by spec and sites), the
+    settings by value (`Settings`): equal (model spec, loss, mask mode, kind, settings, extra)
+    reuse one compilation, so a run's checkpoints, and runs sharing an architecture, compile once.
+    """
+    return jax.jit(fn, static_argnames=STATIC_ARGNAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Core:
+    """A `jit_core` function bound to its static arguments; called with the array arguments only.
+
+    Hashable and compared by value: equal cores are the same computation, which is what `batched`
+    checks and what keys the vmapped compilation of `map_stacked`.
+    """
+
+    fn: Callable
+    model: Any = None
+    loss: str = ""
+    mode: str = ""
+    kind: str = ""
+    settings: Any = None
+    extra: Any = None
+
+    def __call__(self, *args):
+        return self.fn(*args, model=self.model, loss=self.loss, mode=self.mode, kind=self.kind,
+                       settings=self.settings, extra=self.extra)
 
 
 def resolve_loss_kind(kind: str, model, loss: str, max_units: int) -> str:

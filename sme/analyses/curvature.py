@@ -62,8 +62,10 @@ Hutchinson run and apply the stored linear map (`sme.hessian.make_hvp`, its size
 rule: forward-over-reverse when ``chunk_size`` splits the examples or the stored
 residuals would exceed `sme.hessian.LINEARIZE_MAX_BYTES`).
 
-Jitted functions are cached per (architecture, loss, mask mode, loss kind,
-settings), so all checkpoints of a run share one compilation. Each analysis
+The cores are plain functions jitted with the model (static by its spec), loss,
+mask mode, loss kind and settings (a frozen `*Settings` dataclass, static by
+value) as static arguments (`sme.analyses.common.jit_core`), so all checkpoints
+of a run share one compilation. Each analysis
 also has a ``batch_fn`` (`sme.analyses.common.batched`): several checkpoints
 or replicas in one vmapped call of the same core (parameters, masks and keys
 per item), with the same post-processing, so the results equal the
@@ -74,7 +76,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 
 import jax
@@ -84,7 +85,7 @@ from jax.flatten_util import ravel_pytree
 from sme import hessian as hs
 from sme import lanczos, losses, models
 from sme.analyses import Context, common, register
-from sme.analyses.common import (BySpec, batched, load_step_artifacts, pyplot, resolve_loss_kind, run_single,
+from sme.analyses.common import (Core, batched, jit_core, settings_class, load_step_artifacts, pyplot, resolve_loss_kind, run_single,
                                  save_figure, step_axis, train_subset)
 from sme.dropout import mask_shape, sample_masks
 
@@ -137,6 +138,12 @@ def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
         if key in s and s[key] < 1:
             raise ValueError(f"analysis {name}: {key}={s[key]} must be >= 1")
     return s
+
+
+HessianSettings = settings_class("HessianSettings", HESSIAN_DEFAULTS, fill_settings)
+HessianModifiedSettings = settings_class("HessianModifiedSettings", HESSIAN_MODIFIED_DEFAULTS, fill_settings)
+DensitySettings = settings_class("DensitySettings", DENSITY_DEFAULTS, fill_settings)
+FisherSettings = settings_class("FisherSettings", FISHER_DEFAULTS, fill_settings)
 
 
 def _dropout_layers(model) -> tuple[int, ...]:
@@ -204,45 +211,38 @@ def _setup(ctx: Context, s: dict, key):
             ravel_pytree(ctx.params)[0].shape[0])
 
 
-def _frozen(s: dict):
-    return tuple(sorted(s.items()))
-
-
 # ----------------------------------------------------------------------------- hessian
 
 
-@functools.lru_cache(maxsize=16)
-def _hessian_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order: int):
-    s, model = dict(frozen), by_spec.model
-
-    def run(params, x, y, masks, key):
-        hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
-        matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
-        dtype = ravel_pytree(params)[0].dtype
-        v0 = jax.random.normal(jax.random.fold_in(key, 1), (dim,), dtype)
-        alphas, betas, basis = lanczos.tridiagonalize(matvec, v0, order=order)
-        top = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["top_k"], which="largest")
-        out = dict(top_values=top.values, top_residuals=top.residuals, lanczos_alphas=alphas,
-                   lanczos_betas=betas, ritz_values=lanczos.tridiagonal_eigh(alphas, betas)[0],
-                   loss_value=hs.loss_value(hloss, params, x, y, chunk_size=s["chunk_size"]))
-        if s["save_vectors"]:
-            out["top_vectors"] = top.vectors
-        if s["bottom_k"]:
-            bottom = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["bottom_k"], which="smallest")
-            out.update(bottom_values=bottom.values, bottom_residuals=bottom.residuals)
-        out["trace_hutchinson"], out["trace_hutchinson_se"] = lanczos.hutchinson_trace(
-            matvec, dim, key=jax.random.fold_in(key, 2), num_probes=s["num_probes"], dtype=dtype)
-        if s["hutchpp_sketch"]:
-            out["trace_hutchpp"], out["trace_hutchpp_se"] = lanczos.hutchpp_trace(
-                matvec, dim, key=jax.random.fold_in(key, 3), sketch_size=min(s["hutchpp_sketch"], dim),
-                num_probes=s["num_probes"], dtype=dtype)
-        return out
-
-    return jax.jit(run)
+@jit_core
+def _hessian_core(params, x, y, masks, key, *, model, loss, mode, kind, settings, extra):
+    """Lanczos eigenpairs and trace estimates of one Hessian; ``extra`` is the Lanczos order."""
+    s, order = settings, extra
+    hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
+    matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
+    dtype = ravel_pytree(params)[0].dtype
+    v0 = jax.random.normal(jax.random.fold_in(key, 1), (dim,), dtype)
+    alphas, betas, basis = lanczos.tridiagonalize(matvec, v0, order=order)
+    top = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["top_k"], which="largest")
+    out = dict(top_values=top.values, top_residuals=top.residuals, lanczos_alphas=alphas,
+               lanczos_betas=betas, ritz_values=lanczos.tridiagonal_eigh(alphas, betas)[0],
+               loss_value=hs.loss_value(hloss, params, x, y, chunk_size=s["chunk_size"]))
+    if s["save_vectors"]:
+        out["top_vectors"] = top.vectors
+    if s["bottom_k"]:
+        bottom = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["bottom_k"], which="smallest")
+        out.update(bottom_values=bottom.values, bottom_residuals=bottom.residuals)
+    out["trace_hutchinson"], out["trace_hutchinson_se"] = lanczos.hutchinson_trace(
+        matvec, dim, key=jax.random.fold_in(key, 2), num_probes=s["num_probes"], dtype=dtype)
+    if s["hutchpp_sketch"]:
+        out["trace_hutchpp"], out["trace_hutchpp_se"] = lanczos.hutchpp_trace(
+            matvec, dim, key=jax.random.fold_in(key, 3), sketch_size=min(s["hutchpp_sketch"], dim),
+            num_probes=s["num_probes"], dtype=dtype)
+    return out
 
 
-def _hessian_plan(ctx: Context, key, *, name="hessian", defaults=HESSIAN_DEFAULTS):
-    s = fill_settings(name, ctx.settings, defaults)
+def _hessian_plan(ctx: Context, key, *, name="hessian", settings_type=HessianSettings):
+    s = settings_type.from_dict(name, ctx.settings)
     model, kind, x, y, masks, dim = _setup(ctx, s, key)
     if name == "hessian_modified" and not kind.startswith("modified"):
         raise ValueError(f"hessian_modified: the loss must be L_S (loss_kind modified*, got {kind!r}); the run "
@@ -261,10 +261,10 @@ def _hessian_plan(ctx: Context, key, *, name="hessian", defaults=HESSIAN_DEFAULT
         out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
                    order=order, loss_keep_prob=loss_keep_prob(model),
                    loss_site_keep_probs=np.array([site.keep_prob for site in model.sites], np.float64),
-                   settings=json.dumps(s, sort_keys=True))
+                   settings=s.to_json())
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = _hessian_fn(BySpec(model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    core = Core(_hessian_core, model, ctx.loss, ctx.mask_mode, kind, s, order)
     return core, (ctx.params, x, y, masks, key), finish
 
 
@@ -273,7 +273,8 @@ def hessian(ctx: Context, *, key) -> dict:
     return run_single(_hessian_plan, ctx, key)
 
 
-_modified_plan = functools.partial(_hessian_plan, name="hessian_modified", defaults=HESSIAN_MODIFIED_DEFAULTS)
+_modified_plan = functools.partial(_hessian_plan, name="hessian_modified",
+                                   settings_type=HessianModifiedSettings)
 
 
 def hessian_modified(ctx: Context, *, key) -> dict:
@@ -284,23 +285,20 @@ def hessian_modified(ctx: Context, *, key) -> dict:
 # ----------------------------------------------------------------------------- density
 
 
-@functools.lru_cache(maxsize=16)
-def _density_fn(by_spec: BySpec, loss: str, mode: str, kind: str, frozen, order: int):
-    s, model = dict(frozen), by_spec.model
-
-    def run(params, x, y, masks, key):
-        hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
-        matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
-        nodes, weights = lanczos.slq_density(matvec, dim, key=jax.random.fold_in(key, 1), num_probes=s["num_probes"],
-                                             order=order, keep_basis=s["keep_basis"],
-                                             dtype=ravel_pytree(params)[0].dtype)
-        return nodes, weights
-
-    return jax.jit(run)
+@jit_core
+def _density_core(params, x, y, masks, key, *, model, loss, mode, kind, settings, extra):
+    """SLQ nodes and weights; ``extra`` is the Lanczos order."""
+    s, order = settings, extra
+    hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
+    matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
+    nodes, weights = lanczos.slq_density(matvec, dim, key=jax.random.fold_in(key, 1), num_probes=s["num_probes"],
+                                         order=order, keep_basis=s["keep_basis"],
+                                         dtype=ravel_pytree(params)[0].dtype)
+    return nodes, weights
 
 
 def _density_plan(ctx: Context, key):
-    s = fill_settings("hessian_density", ctx.settings, DENSITY_DEFAULTS)
+    s = DensitySettings.from_dict("hessian_density", ctx.settings)
     model, kind, x, y, masks, dim = _setup(ctx, s, key)
     order = min(s["order"], dim)
 
@@ -315,9 +313,9 @@ def _density_plan(ctx: Context, key):
         return {k: np.asarray(v) for k, v in dict(
             nodes=nodes, weights=weights, grid=grid, density=density, sigma=sigma, trace_slq=per_probe.mean(),
             trace_slq_se=se, loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim,
-            num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True)).items()}
+            num_examples=x.shape[0], settings=s.to_json()).items()}
 
-    core = _density_fn(BySpec(model), ctx.loss, ctx.mask_mode, kind, _frozen(s), order)
+    core = Core(_density_core, model, ctx.loss, ctx.mask_mode, kind, s, order)
     return core, (ctx.params, x, y, masks, key), finish
 
 
@@ -337,33 +335,30 @@ def _fisher_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-@functools.lru_cache(maxsize=16)
-def _fisher_fn(by_spec: BySpec, loss: str, frozen, order: int):
-    s, model = dict(frozen), by_spec.model
+@jit_core
+def _fisher_core(params, x, y, key, *, model, loss, mode, kind, settings, extra):
+    """Fisher / GGN eigenvalues and traces, R_1; ``extra`` is the Lanczos order."""
+    s, order = settings, extra
     closed_form = loss == "mse" and model.only_last_layer_dropout
-
-    def run(params, x, y, key):
-        hloss = hs.make_hessian_loss("risk", model, loss)
-        dim = ravel_pytree(params)[0].shape[0]
-        out = dict(risk=hs.loss_value(hloss, params, x, y, chunk_size=s["chunk_size"]))
-        for i, kind in enumerate(_fisher_kinds(s["kinds"])):
-            name = FISHER_NAMES[kind]
-            matvec, _ = hs.make_fisher(kind, hloss, params, x, y, chunk_size=s["chunk_size"])
-            pairs = lanczos.top_eigenpairs(matvec, dim, key=jax.random.fold_in(key, i), k=s["top_k"], order=order,
-                                           dtype=ravel_pytree(params)[0].dtype)
-            out[f"{name}_eigenvalues"], out[f"{name}_residuals"] = pairs.values, pairs.residuals
-            out[f"{name}_trace"] = hs.fisher_trace(kind, hloss, params, x, y, chunk_size=s["trace_chunk_size"])
-        if model.only_last_layer_dropout:
-            out["r1_quadratic"] = hs.dropout_penalty_quadratic(model, loss, params, x, y)
-        if closed_form:
-            out["r1"] = losses.r1(model, params, x)
-        return out
-
-    return jax.jit(run)
+    hloss = hs.make_hessian_loss("risk", model, loss)
+    dim = ravel_pytree(params)[0].shape[0]
+    out = dict(risk=hs.loss_value(hloss, params, x, y, chunk_size=s["chunk_size"]))
+    for i, kind in enumerate(_fisher_kinds(s["kinds"])):
+        name = FISHER_NAMES[kind]
+        matvec, _ = hs.make_fisher(kind, hloss, params, x, y, chunk_size=s["chunk_size"])
+        pairs = lanczos.top_eigenpairs(matvec, dim, key=jax.random.fold_in(key, i), k=s["top_k"], order=order,
+                                       dtype=ravel_pytree(params)[0].dtype)
+        out[f"{name}_eigenvalues"], out[f"{name}_residuals"] = pairs.values, pairs.residuals
+        out[f"{name}_trace"] = hs.fisher_trace(kind, hloss, params, x, y, chunk_size=s["trace_chunk_size"])
+    if model.only_last_layer_dropout:
+        out["r1_quadratic"] = hs.dropout_penalty_quadratic(model, loss, params, x, y)
+    if closed_form:
+        out["r1"] = losses.r1(model, params, x)
+    return out
 
 
 def _fisher_plan(ctx: Context, key):
-    s = fill_settings("fisher", ctx.settings, FISHER_DEFAULTS)
+    s = FisherSettings.from_dict("fisher", ctx.settings)
     _fisher_kinds(s["kinds"])
     x, y = train_subset(ctx, s["num_examples"])
     dim = ravel_pytree(ctx.params)[0].shape[0]
@@ -376,10 +371,10 @@ def _fisher_plan(ctx: Context, key):
         out.setdefault("r1", np.nan)
         out.setdefault("r1_quadratic", np.nan)
         out.update(keep_prob=ctx.model.sites[-1].keep_prob if ctx.model.sites else 1.0, num_params=dim,
-                   num_examples=x.shape[0], settings=json.dumps(s, sort_keys=True))
+                   num_examples=x.shape[0], settings=s.to_json())
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = _fisher_fn(BySpec(ctx.model), ctx.loss, _frozen(s), order)
+    core = Core(_fisher_core, ctx.model, ctx.loss, settings=s, extra=order)
     return core, (ctx.params, x, y, key), finish
 
 

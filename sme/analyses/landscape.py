@@ -48,13 +48,14 @@ ranges (x ``sensitivity_max_trend`` for trajectory data): ``sensitivity_*`` (see
 `_sensitivity`). Profile: ``alphas`` (A,), ``train_losses``/``test_losses``
 (D, A), ``loss_at_params``, ``test_loss_at_params``.
 
-Jitted functions are cached per (model, loss, mask mode, settings), so the many
+The cores are jitted with the model (by spec), loss, mask mode and settings (a
+frozen dataclass) as static arguments (`common.jit_core`), so the many
 checkpoints of a run compile once.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import math
@@ -67,7 +68,7 @@ from jax.flatten_util import ravel_pytree
 
 from sme import landscape, losses
 from sme.analyses import Context, common, register
-from sme.analyses.common import BySpec, load_step_artifacts, pyplot, save_figure, train_subset
+from sme.analyses.common import Core, jit_core, load_step_artifacts, pyplot, save_figure, settings_class, train_subset
 from sme.dropout import mask_shape, sample_masks
 
 FACTOR_NAMES = ("c2", "ce")  # suffixes of landscape.FACTORS = (2, e)
@@ -118,6 +119,11 @@ def fill_settings(name: str, settings: dict, defaults: dict) -> dict:
     return filled
 
 
+FlatnessSettings = settings_class("FlatnessSettings", FLATNESS_DEFAULTS, fill_settings)
+TrajectorySettings = settings_class("TrajectorySettings", TRAJECTORY_DEFAULTS, fill_settings)
+ProfileSettings = settings_class("ProfileSettings", PROFILE_DEFAULTS, fill_settings)
+
+
 def _search(s: dict) -> landscape.BracketSearch:
     return landscape.BracketSearch(s["init_step"], s["max_distance"], s["num_bisect"])
 
@@ -155,24 +161,21 @@ def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
     return jax.lax.map(row, jax.random.split(key, s["num_masks"]), batch_size=s["chunk_size"])
 
 
-@functools.lru_cache(maxsize=16)
-def _flatness_fn(by_spec: BySpec, loss, mode, frozen, from_gradients: bool):
-    s, model = dict(frozen), by_spec.model
-
-    def run(params, rows, x, y, key):
-        flat, unravel = ravel_pytree(params)
-        # Gradient data: rows drawn at theta; trajectory data: rows given, theta* = params.
-        if from_gradients:
-            rows = _gradient_rows(model, loss, mode, s, params, x, y, key=jax.random.fold_in(key, 0))
-        objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
-        comps, flat_res = landscape.pca_flatness(
-            rows, lambda v: objective(unravel(v)), flat, num_components=s["num_components"],
-            search=_search(s))
-        directions = comps.directions[: s["num_components"]]
-        trend = None if from_gradients else landscape.trend_fraction(rows, directions, degree=s["trend_degree"])
-        return comps.variances, directions, flat_res, trend
-
-    return jax.jit(run)
+@jit_core
+def _flatness_core(params, rows, x, y, key, *, model, loss, mode, kind, settings, extra):
+    """PCA of the rows and the interval flatness along them; ``extra``: draw gradient rows (else given)."""
+    s, from_gradients = settings, extra
+    flat, unravel = ravel_pytree(params)
+    # Gradient data: rows drawn at theta; trajectory data: rows given, theta* = params.
+    if from_gradients:
+        rows = _gradient_rows(model, loss, mode, s, params, x, y, key=jax.random.fold_in(key, 0))
+    objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
+    comps, flat_res = landscape.pca_flatness(
+        rows, lambda v: objective(unravel(v)), flat, num_components=s["num_components"],
+        search=_search(s))
+    directions = comps.directions[: s["num_components"]]
+    trend = None if from_gradients else landscape.trend_fraction(rows, directions, degree=s["trend_degree"])
+    return comps.variances, directions, flat_res, trend
 
 
 # Gram eigenvalues are accurate to ~eps * sigma_1^2: smaller variances (e.g. beyond the
@@ -255,7 +258,7 @@ def _flatness_result(variances, directions, result, trend, s) -> dict:
     out = dict(variances=variances, directions=np.asarray(directions, np.float32),
                factors=np.asarray(landscape.FACTORS), width=result.width, left=result.left,
                right=result.right, capped=result.capped, resolved=resolved, loss_star=result.loss,
-               settings=json.dumps(s, sort_keys=True))
+               settings=s.to_json())
     if trend is not None:
         out["trend_fraction"] = trend = np.asarray(trend, np.float64)
         excluded = excluded | (trend > s["max_trend"])
@@ -274,7 +277,7 @@ def _check_rows(s: dict, num_rows: int, dim: int, what: str):
 
 def flatness(ctx: Context, *, key) -> dict:
     """Random gradient data at the checkpoint: PCA, interval flatness (c = 2, e) and the psi fit."""
-    s = fill_settings("flatness", ctx.settings, FLATNESS_DEFAULTS)
+    s = FlatnessSettings.from_dict("flatness", ctx.settings)
     if s["noise"] not in NOISES:
         raise ValueError(f"analysis flatness: noise={s['noise']!r}; expected one of {NOISES}")
     if s["noise"] != "minibatch" and not any(site.droppable for site in ctx.model.sites):
@@ -282,13 +285,14 @@ def flatness(ctx: Context, *, key) -> dict:
                          "gradients are identical; use noise='minibatch'")
     x, y = train_subset(ctx, s["num_examples"])
     if s["noise"] != "dropout":
-        s["batch_size"] = s["batch_size"] or int(ctx.run_config.get("train", {}).get("batch_size", 0))
+        run_batch = int(ctx.run_config.get("train", {}).get("batch_size", 0))
+        s = dataclasses.replace(s, batch_size=s["batch_size"] or run_batch)
         if not 1 <= s["batch_size"] < x.shape[0]:
             raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {x.shape[0]} "
                              f"examples, got batch_size={s['batch_size']}")
     _check_rows(s, s["num_masks"], ravel_pytree(ctx.params)[0].shape[0], "gradient rows")
     _check_fit_settings(s, trajectory=False)
-    fn = _flatness_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), True)
+    fn = Core(_flatness_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s, extra=True)
     return _flatness_result(*fn(ctx.params, None, x, y, key), s)
 
 
@@ -313,7 +317,7 @@ def load_snapshots(path: str, *, replica: int = 0) -> np.ndarray:
 
 def trajectory_flatness(ctx: Context, *, key) -> dict:
     """Random trajectory data from <workdir>/snapshots.npz: PCA, interval flatness, psi fit."""
-    s = fill_settings("trajectory_flatness", ctx.settings, TRAJECTORY_DEFAULTS)
+    s = TrajectorySettings.from_dict("trajectory_flatness", ctx.settings)
     if s["reference"] not in ("last", "mean", "checkpoint"):
         raise ValueError(f"analysis trajectory_flatness: reference={s['reference']!r}; "
                          "expected last, mean or checkpoint")
@@ -323,7 +327,7 @@ def trajectory_flatness(ctx: Context, *, key) -> dict:
         reason = ("no workdir in the analysis context" if path is None else
                   f"no snapshot file {path} (training must save the window's weights)")
         logging.warning("trajectory_flatness skipped: %s", reason)
-        return {"skipped": f"trajectory_flatness skipped: {reason}", "settings": json.dumps(s, sort_keys=True)}
+        return {"skipped": f"trajectory_flatness skipped: {reason}", "settings": s.to_json()}
     flat, unravel = ravel_pytree(ctx.params)
     rows = jnp.asarray(load_snapshots(path, replica=ctx.replica), flat.dtype)
     if rows.shape[1] != flat.shape[0]:
@@ -337,48 +341,46 @@ def trajectory_flatness(ctx: Context, *, key) -> dict:
                          f"[1, {rows.shape[0] - 2}] for {rows.shape[0]} snapshots")
     reference = {"last": rows[-1], "mean": jnp.mean(rows, axis=0), "checkpoint": flat}[s["reference"]]
     x, y = train_subset(ctx, s["num_examples"])
-    fn = _flatness_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())), False)
+    fn = Core(_flatness_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s, extra=False)
     out = _flatness_result(*fn(unravel(reference), rows, x, y, key), s)
     out["num_snapshots"] = rows.shape[0]
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _profile_fn(by_spec: BySpec, loss, mode, frozen):
-    s, model = dict(frozen), by_spec.model
-    alphas = jnp.linspace(-s["radius"], s["radius"], s["num_points"])
+@jit_core
+def _profile_core(params, x, y, x_test, y_test, key, *, model, loss, mode, kind, settings, extra):
+    """Train and test loss profiles along filter-normalised random directions."""
+    s = settings
+    with jax.ensure_compile_time_eval():  # a constant of the compiled function, as computed eagerly
+        alphas = jnp.linspace(-s["radius"], s["radius"], s["num_points"])
+    objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
+    test = lambda p: losses.risk(model, loss, p, x_test, y_test)
 
-    def run(params, x, y, x_test, y_test, key):
-        objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
-        test = lambda p: losses.risk(model, loss, p, x_test, y_test)
+    def one(k):
+        d = landscape.filter_normalize(landscape.random_direction(params, key=k), params,
+                                       zero_bias=s["zero_bias"])
+        return (landscape.profile_1d(objective, params, d, alphas),
+                landscape.profile_1d(test, params, d, alphas))
 
-        def one(k):
-            d = landscape.filter_normalize(landscape.random_direction(params, key=k), params,
-                                           zero_bias=s["zero_bias"])
-            return (landscape.profile_1d(objective, params, d, alphas),
-                    landscape.profile_1d(test, params, d, alphas))
-
-        keys = jax.random.split(jax.random.fold_in(key, 2), s["num_directions"])
-        train_losses, test_losses = jax.lax.map(one, keys)  # one direction at a time: bounded memory
-        return alphas, train_losses, test_losses, objective(params), test(params)
-
-    return jax.jit(run)
+    keys = jax.random.split(jax.random.fold_in(key, 2), s["num_directions"])
+    train_losses, test_losses = jax.lax.map(one, keys)  # one direction at a time: bounded memory
+    return alphas, train_losses, test_losses, objective(params), test(params)
 
 
 def profile(ctx: Context, *, key) -> dict:
     """Filter-normalised 1-D loss profiles along random directions at the checkpoint."""
-    s = fill_settings("profile", ctx.settings, PROFILE_DEFAULTS)
+    s = ProfileSettings.from_dict("profile", ctx.settings)
     if s["num_points"] < 3 or s["num_points"] % 2 == 0 or s["num_directions"] < 1 or not s["radius"] > 0:
         raise ValueError(f"analysis profile: need odd num_points >= 3, num_directions >= 1 and radius > 0; got "
                          f"{s['num_points']}, {s['num_directions']}, {s['radius']}")
     x, y = train_subset(ctx, s["num_examples"])
     dtype = x.dtype
     xt, yt = jnp.asarray(ctx.dataset.x_test, dtype), jnp.asarray(ctx.dataset.y_test, dtype)
-    fn = _profile_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    fn = Core(_profile_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s)
     alphas, train_losses, test_losses, at_params, test_at_params = fn(ctx.params, x, y, xt, yt, key)
     return dict(alphas=alphas, train_losses=train_losses, test_losses=test_losses,
                 loss_at_params=at_params, test_loss_at_params=test_at_params,
-                settings=json.dumps(s, sort_keys=True))
+                settings=s.to_json())
 
 
 # ----------------------------------------------------------------------------- plots

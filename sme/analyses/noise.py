@@ -60,7 +60,8 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   ``<noise>_slope_high``, ``<noise>_slope_points`` (NaN slopes when fewer than 3
   positive pairs, e.g. without dropout).
 
-Jitted functions are cached per (architecture, loss, mask mode, settings), so
+The cores are jitted with the model (by spec), loss, mask mode and settings
+(a frozen dataclass) as static arguments (`common.jit_core`), so
 the checkpoints of a run compile once. Both analyses also have a ``batch_fn``
 (`sme.analyses.common.batched`): several checkpoints or replicas in one vmapped
 call of the same core (parameters, subsets, masks and keys per item), with the
@@ -70,8 +71,6 @@ re-association.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 
 import jax
@@ -82,8 +81,8 @@ from jax.flatten_util import ravel_pytree
 from sme import covariance as cv
 from sme import grads, hessian, relations
 from sme.analyses import Context, register
-from sme.analyses.common import (BySpec, batched, fill_settings, load_step_artifacts, pyplot, resolve_loss_kind,
-                                 run_single, save_figure, step_axis, train_subset)
+from sme.analyses.common import (Core, batched, jit_core, load_step_artifacts, pyplot, resolve_loss_kind,
+                                 run_single, save_figure, settings_class, step_axis, train_subset)
 from sme.dropout import mask_shape, sample_masks
 
 COVARIANCE_DEFAULTS = dict(
@@ -113,6 +112,8 @@ ALIGNMENT_DEFAULTS = dict(
     num_boot=2000,  # bootstrap resamples of the slope interval
     level=0.95,  # confidence level of the slope interval
 )
+CovarianceSettings = settings_class("CovarianceSettings", COVARIANCE_DEFAULTS)
+AlignmentSettings = settings_class("AlignmentSettings", ALIGNMENT_DEFAULTS)
 
 ALIGNMENT_LOSS_KINDS = ("auto", "risk", "modified", "modified_exact", "modified_mc")
 
@@ -134,38 +135,35 @@ def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
 # ----------------------------------------------------------------------------- covariance
 
 
-@functools.lru_cache(maxsize=16)
-def _covariance_fn(by_spec: BySpec, loss: str, mode: str, frozen):
-    s, model = dict(frozen), by_spec.model
-
-    def run(params, x, y, x_sgd, y_sgd, x_dec, y_dec, key):
-        g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
-                                         num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
-        cov = cv.mask_covariance(g)
-        k = s["num_masks"]
-        out = dict(sigma_eigenvalues=cv.gram_eigenvalues(cv.gram(cov), s["top_k"]),
-                   sigma_trace=cv.trace(cov), sigma_frobenius=cv.frobenius(cov),
-                   grad_norm=jnp.linalg.norm(jnp.full((k,), 1.0 / k, g.dtype) @ g))
-        ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
-        sgd = cv.centred_gram(grads.per_sample_gram(model, loss, params, x_sgd, y_sgd,
-                                                    chunk_size=s["chunk_size"]), ddof=ddof)
-        out.update(sgd_eigenvalues=cv.gram_eigenvalues(sgd, s["top_k"]), sgd_trace=jnp.trace(sgd),
-                   sgd_frobenius=jnp.linalg.norm(sgd))
-        if s["decomposition_masks"]:
-            masks = grads.draw_masks(model, key=jax.random.fold_in(key, 2), num_masks=s["decomposition_masks"],
-                                     mode="shared", num_examples=x_dec.shape[0], dtype=x.dtype)
-            traces, _ = cv.component_traces(model, loss, params, x_dec, y_dec, masks, chunk_size=s["chunk_size"])
-            out["component_traces"] = jnp.stack(cv.subset_corrected(
-                traces, subset_size=x_dec.shape[0], population=x.shape[0]))
-        return out
-
-    return jax.jit(run)
+@jit_core
+def _covariance_core(params, x, y, x_sgd, y_sgd, x_dec, y_dec, key, *, model, loss, mode, kind, settings, extra):
+    """Sigma_K and SGD-noise spectra and traces, and the noise decomposition traces."""
+    s = settings
+    g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
+                                     num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
+    cov = cv.mask_covariance(g)
+    k = s["num_masks"]
+    out = dict(sigma_eigenvalues=cv.gram_eigenvalues(cv.gram(cov), s["top_k"]),
+               sigma_trace=cv.trace(cov), sigma_frobenius=cv.frobenius(cov),
+               grad_norm=jnp.linalg.norm(jnp.full((k,), 1.0 / k, g.dtype) @ g))
+    ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
+    sgd = cv.centred_gram(grads.per_sample_gram(model, loss, params, x_sgd, y_sgd,
+                                                chunk_size=s["chunk_size"]), ddof=ddof)
+    out.update(sgd_eigenvalues=cv.gram_eigenvalues(sgd, s["top_k"]), sgd_trace=jnp.trace(sgd),
+               sgd_frobenius=jnp.linalg.norm(sgd))
+    if s["decomposition_masks"]:
+        masks = grads.draw_masks(model, key=jax.random.fold_in(key, 2), num_masks=s["decomposition_masks"],
+                                 mode="shared", num_examples=x_dec.shape[0], dtype=x.dtype)
+        traces, _ = cv.component_traces(model, loss, params, x_dec, y_dec, masks, chunk_size=s["chunk_size"])
+        out["component_traces"] = jnp.stack(cv.subset_corrected(
+            traces, subset_size=x_dec.shape[0], population=x.shape[0]))
+    return out
 
 
 def _covariance_plan(ctx: Context, key):
-    s = fill_settings("covariance", ctx.settings, COVARIANCE_DEFAULTS)
+    s = CovarianceSettings.from_dict("covariance", ctx.settings)
     if not 1 <= s["top_k"] <= s["num_masks"] or s["num_masks"] < 2:
-        raise ValueError(f"covariance: need 2 <= num_masks and 1 <= top_k <= num_masks, got {s}")
+        raise ValueError(f"covariance: need 2 <= num_masks and 1 <= top_k <= num_masks, got {s.as_dict()}")
     if s["decomposition_masks"] == 1:
         raise ValueError("covariance: decomposition_masks must be 0 (skip) or >= 2")
     x, y = train_subset(ctx, s["num_examples"], min_examples=2)
@@ -184,10 +182,10 @@ def _covariance_plan(ctx: Context, key):
             parts = np.asarray(factors) * out["component_traces"]
             out["minibatch_traces"] = np.append(parts, parts.sum())
         out.update(batch_size=np.asarray(batch), num_masks=np.asarray(s["num_masks"]),
-                   mask_mode=np.asarray(ctx.mask_mode), settings=np.asarray(json.dumps(s, sort_keys=True)))
+                   mask_mode=np.asarray(ctx.mask_mode), settings=np.asarray(s.to_json()))
         return out
 
-    core = _covariance_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, tuple(sorted(s.items())))
+    core = Core(_covariance_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s)
     return core, (ctx.params, x, y, x[sgd_idx], y[sgd_idx], x[dec_idx], y[dec_idx], key), finish
 
 
@@ -214,42 +212,39 @@ def _noise_entries(hvp, cov, vectors, fro_h, chunk, ddof):
                 projected_variance=relations.projected_variance(cov, vectors))
 
 
-@functools.lru_cache(maxsize=16)
-def _alignment_fn(by_spec: BySpec, loss: str, mode: str, kind: str, dense_path: bool, frozen):
-    s, model = dict(frozen), by_spec.model
+@jit_core
+def _alignment_core(params, x, y, hmasks, x_sgd, y_sgd, key, *, model, loss, mode, kind, settings, extra):
+    """Alignment of the noise with the Hessian; ``extra``: the dense-Hessian path (else Lanczos)."""
+    s, dense_path = settings, extra
+    hloss = hessian.make_hessian_loss(kind, model, loss, masks=hmasks, mode=mode)
+    hvp, dim = hessian.make_hvp(hloss, params, x, y, chunk_size=s["hessian_chunk_size"])
+    k = s["top_k"]
+    if dense_path:
+        h = hessian.to_dense(hvp, dim, dtype=x.dtype)
+        values, vectors = jnp.linalg.eigh((h + h.T) / 2)
+        values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k].T
+        residuals = jnp.linalg.norm(vectors @ h - values[:, None] * vectors, axis=1)
+        zero = jnp.zeros((), h.dtype)
+        norms = relations.HessianNorms(jnp.trace(h), zero, jnp.linalg.norm(h), zero)
+    else:
+        from sme.lanczos import top_eigenpairs  # the curvature module
 
-    def run(params, x, y, hmasks, x_sgd, y_sgd, key):
-        hloss = hessian.make_hessian_loss(kind, model, loss, masks=hmasks, mode=mode)
-        hvp, dim = hessian.make_hvp(hloss, params, x, y, chunk_size=s["hessian_chunk_size"])
-        k = s["top_k"]
-        if dense_path:
-            h = hessian.to_dense(hvp, dim, dtype=x.dtype)
-            values, vectors = jnp.linalg.eigh((h + h.T) / 2)
-            values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k].T
-            residuals = jnp.linalg.norm(vectors @ h - values[:, None] * vectors, axis=1)
-            zero = jnp.zeros((), h.dtype)
-            norms = relations.HessianNorms(jnp.trace(h), zero, jnp.linalg.norm(h), zero)
-        else:
-            from sme.lanczos import top_eigenpairs  # the curvature module
-
-            pairs = top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, 3), k=k, order=s["lanczos_order"])
-            values, vectors, residuals = pairs.values, pairs.vectors, pairs.residuals
-            norms = relations.hessian_norms(hvp, dim, key=jax.random.fold_in(key, 4),
-                                            num_probes=s["num_probes"], basis=vectors)
-        g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
-                                         num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
-        sgd_rows = grads.per_sample_gradients(model, loss, params, x_sgd, y_sgd, chunk_size=s["chunk_size"])
-        ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
-        out = dict(hessian_eigenvalues=values, hessian_residuals=residuals, hessian_trace=norms.trace,
-                   hessian_trace_se=norms.trace_se, hessian_frobenius=norms.frobenius,
-                   hessian_frobenius_se=norms.frobenius_se)
-        for name, cov, dd in (("dropout", cv.mask_covariance(g), 1),
-                              ("sgd", cv.from_samples(sgd_rows, ddof=ddof), ddof)):
-            entries = _noise_entries(hvp, cov, vectors, norms.frobenius, s["hvp_chunk_size"], dd)
-            out.update({f"{name}_{k}": v for k, v in entries.items()})
-        return out
-
-    return jax.jit(run)
+        pairs = top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, 3), k=k, order=s["lanczos_order"])
+        values, vectors, residuals = pairs.values, pairs.vectors, pairs.residuals
+        norms = relations.hessian_norms(hvp, dim, key=jax.random.fold_in(key, 4),
+                                        num_probes=s["num_probes"], basis=vectors)
+    g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
+                                     num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
+    sgd_rows = grads.per_sample_gradients(model, loss, params, x_sgd, y_sgd, chunk_size=s["chunk_size"])
+    ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
+    out = dict(hessian_eigenvalues=values, hessian_residuals=residuals, hessian_trace=norms.trace,
+               hessian_trace_se=norms.trace_se, hessian_frobenius=norms.frobenius,
+               hessian_frobenius_se=norms.frobenius_se)
+    for name, cov, dd in (("dropout", cv.mask_covariance(g), 1),
+                          ("sgd", cv.from_samples(sgd_rows, ddof=ddof), ddof)):
+        entries = _noise_entries(hvp, cov, vectors, norms.frobenius, s["hvp_chunk_size"], dd)
+        out.update({f"{name}_{k}": v for k, v in entries.items()})
+    return out
 
 
 def _fit_entries(prefix: str, eigenvalues, projected, s) -> dict:
@@ -263,12 +258,12 @@ def _fit_entries(prefix: str, eigenvalues, projected, s) -> dict:
 
 
 def _alignment_plan(ctx: Context, key):
-    s = fill_settings("alignment", ctx.settings, ALIGNMENT_DEFAULTS)
+    s = AlignmentSettings.from_dict("alignment", ctx.settings)
     x, y = train_subset(ctx, s["num_examples"], min_examples=2)
     n = x.shape[0]
     dim = ravel_pytree(ctx.params)[0].shape[0]
     if not 1 <= s["top_k"] <= dim or s["num_masks"] < 2:
-        raise ValueError(f"alignment: need 1 <= top_k <= {dim} parameters and num_masks >= 2, got {s}")
+        raise ValueError(f"alignment: need 1 <= top_k <= {dim} parameters and num_masks >= 2, got {s.as_dict()}")
     if s["loss_kind"] not in ALIGNMENT_LOSS_KINDS:
         raise ValueError(f"alignment: loss_kind={s['loss_kind']!r}; expected one of {ALIGNMENT_LOSS_KINDS}")
     if s["loss_kind"].startswith("modified") and not any(site.droppable for site in ctx.model.sites):
@@ -294,11 +289,10 @@ def _alignment_plan(ctx: Context, key):
                         f"{name}_null_wishart_mean": wishart.mean, f"{name}_null_wishart_std": wishart.std})
             out.update(_fit_entries(name, out["hessian_eigenvalues"], out[f"{name}_projected_variance"], s))
         out.update(hessian_of=kind, hessian_label=hessian.LOSS_KINDS[kind], num_params=dim,
-                   settings=json.dumps(s, sort_keys=True))
+                   settings=s.to_json())
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = _alignment_fn(BySpec(ctx.model), ctx.loss, ctx.mask_mode, kind, dim <= s["dense_max_params"],
-                         tuple(sorted(s.items())))
+    core = Core(_alignment_core, ctx.model, ctx.loss, ctx.mask_mode, kind, s, dim <= s["dense_max_params"])
     return core, (ctx.params, x, y, hmasks, x[sgd_idx], y[sgd_idx], key), finish
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from sme import weak_error
 from sme.analyses import Context, register
-from sme.analyses.common import fill_settings, pyplot, save_figure
+from sme.analyses.common import pyplot, save_figure, settings_class
 from sme.sweep import SME_DIR, load_cell
 
 DEFAULTS = dict(num_boot=0, level=0.95, plot_functions="R_S,L_S,sq_norm", times="", fit_lr_min=0.0, fit_lr_max=0.0)
@@ -119,11 +119,14 @@ def compute(workdir: str, *, num_boot: int, level: float, times: str = "", fit_l
     return out
 
 
+WeakErrorSettings = settings_class("WeakErrorSettings", DEFAULTS)
+
+
 @register("weak_error", plot_fn=lambda directory, steps: plot(directory, steps))
 def weak_error_analysis(ctx: Context, *, key) -> dict:
     """Weak error of the SME variants and ODE controls against dropout GD at fixed times, with orders."""
     del key  # deterministic: the joint bootstrap draws are seeded
-    s = fill_settings("weak_error", ctx.settings, DEFAULTS)
+    s = WeakErrorSettings.from_dict("weak_error", ctx.settings)
     num_boot = s["num_boot"] or int(ctx.run_config.get("sde", {}).get("num_boot", 1000))
     out = compute(ctx.workdir, num_boot=num_boot, level=s["level"], times=s["times"], fit_lr_min=s["fit_lr_min"],
                   fit_lr_max=s["fit_lr_max"])
