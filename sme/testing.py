@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,11 @@ def assert_same_results(one, many, *, err=""):
             continue
         scale = spectrum if k.endswith("residuals") else float(np.max(np.abs(a), initial=0.0))
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale, err_msg=f"{err} {k}")
+
+
+def copy_run(run: str, tmp_path, name: str) -> str:
+    """A copy of the run directory ``run`` as ``tmp_path/name`` without its ``analysis/`` folder."""
+    out = str(tmp_path / name)
+    shutil.copytree(run, out)
+    shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
+    return out

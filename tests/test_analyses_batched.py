@@ -15,7 +15,6 @@ resample of one point is left out exactly (`sme.stats`), not fitted as 0/0 round
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from sme import io, rng
+from sme import io, rng, testing
 from sme.analyses import REGISTRY, Analysis, common
 from sme.analyses.runner import Progress, Request, analyse_run
 from sme.testing import assert_same_results, noise_context
@@ -99,11 +98,7 @@ def two_replica_run(tmp_path_factory):
     return workdir
 
 
-def _copy(run: str, tmp_path, name: str) -> str:
-    out = str(tmp_path / name)
-    shutil.copytree(run, out)
-    shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
-    return out
+_copy = testing.copy_run
 
 
 def _artifacts(workdir: str, label: str) -> dict[int, dict]:

@@ -15,13 +15,12 @@ the trained run unless it reads an SME sweep (``SWEEP``). For each analysis:
 """
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 from configs import sme_weak_error, smoke
-from sme import driver, io
+from sme import driver, io, testing
 from sme.analyses import load_all
 from sme.analyses.runner import Request, analyse_run
 from sme.testing import assert_same_results
@@ -71,11 +70,7 @@ def sweep_run(tmp_path_factory):
     return workdir
 
 
-def _copy(run: str, tmp_path, name: str) -> str:
-    out = str(tmp_path / name)
-    shutil.copytree(run, out)
-    shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
-    return out
+_copy = testing.copy_run
 
 
 class OwnKeys(dict):
