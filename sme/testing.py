@@ -10,6 +10,7 @@ Float64 problems need x64 switched on (the ``x64`` fixture of ``tests/conftest.p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -18,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sme import models
+from sme import dropout, models
 from sme.analyses import Context
 from sme.data import Dataset
+from sme.models import Model
+from sme.problem import Problem
 
 # Test spectra of 120 eigenvalues (those of matfree's tests): a linear ramp (small relative
 # gaps at the top), a geometric decay, and a flat block then a cliff (two clusters).
@@ -206,3 +209,28 @@ def copy_run(run: str, tmp_path, name: str) -> str:
     shutil.copytree(run, out)
     shutil.rmtree(os.path.join(out, "analysis"), ignore_errors=True)
     return out
+
+
+# --- dropout linear regression: the SDE tests' exactly solvable problem ---
+
+@dataclasses.dataclass(frozen=True)
+class _LinearSpec:  # the spec of `linear_dropout_model`
+    in_dim: int
+    out_dim: int = 1
+
+
+def linear_dropout_model(dim: int, keep_prob: float) -> Model:
+    """f(x; eta) = sum_j theta_j eta_j x_j: dropout on the inputs of a linear readout."""
+    sites = (dropout.Site("inputs", (dim,), keep_prob),)
+    init = lambda key, dtype=jnp.float32: {"w": jnp.zeros((dim, 1), dtype)}
+    apply = lambda params, x, masks: (x * masks[0]) @ params["w"]
+    return Model(_LinearSpec(dim), sites, init, apply, lambda params, x, masks: x, lambda params: params["w"])
+
+
+def linear_problem(keep_prob=0.5):
+    """Dropout linear regression on 6 points in 3-d (`linear_dropout_model`, MSE, shared masks)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 3))
+    y = x @ np.array([1.0, -1.0, 0.5]) + 0.3 * rng.normal(size=6)
+    return Problem(linear_dropout_model(3, keep_prob), "mse", "shared", jnp.asarray(x),
+                             jnp.asarray(y[:, None]))

@@ -1,7 +1,5 @@
 """Numerics of sme.sde and sme.diffusion against exact or closed-form references."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +8,7 @@ import scipy.linalg
 import scipy.stats
 from jax.flatten_util import ravel_pytree
 
-from sme import covariance, diffusion, dropout, losses, models, sde
-from sme.models import Model
+from sme import covariance, diffusion, dropout, losses, models, sde, testing
 
 
 def _net(keep_prob=0.7, mode="shared", arch="two_layer", n=5):
@@ -304,26 +301,8 @@ def test_svag_gradient_has_mean_grad_ls_and_covariance_l_sigma(substeps):
 # --- Dropout linear regression: E theta_N in closed form ------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _LinearSpec:
-    in_dim: int
-    out_dim: int = 1
-
-
-def linear_dropout_model(dim: int, keep_prob: float) -> Model:
-    """f(x; eta) = sum_j theta_j eta_j x_j: dropout on the inputs of a linear readout."""
-    sites = (dropout.Site("inputs", (dim,), keep_prob),)
-    init = lambda key, dtype=jnp.float32: {"w": jnp.zeros((dim, 1), dtype)}
-    apply = lambda params, x, masks: (x * masks[0]) @ params["w"]
-    return Model(_LinearSpec(dim), sites, init, apply, lambda params, x, masks: x, lambda params: params["w"])
-
-
-def linear_problem(keep_prob=0.5):
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(6, 3))
-    y = x @ np.array([1.0, -1.0, 0.5]) + 0.3 * rng.normal(size=6)
-    return diffusion.Problem(linear_dropout_model(3, keep_prob), "mse", "shared", jnp.asarray(x),
-                             jnp.asarray(y[:, None]))
+linear_dropout_model = testing.linear_dropout_model
+linear_problem = testing.linear_problem
 
 
 def test_dropout_linear_regression_drift_is_the_exact_expected_update():

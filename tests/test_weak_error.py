@@ -14,8 +14,7 @@ from sme import config as config_lib
 from sme import driver, io, lockstep, rng, sweep, weak_error
 from sme.train import loop
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_sde import linear_problem  # noqa: E402
+from sme.testing import linear_problem
 
 
 # --- The lockstep processes ------------------------------------------------------------------------
