@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 
 from sme import config as config_lib
-from sme import distributed, io, lockstep, rng, runs
+from sme import distributed, io, lockstep, rng, runs, weak_error
 from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, draw_masks
 from sme.problem import resolve_method
 from sme.train.state import init_state
@@ -209,8 +209,6 @@ def cell_table_rows(arrays: dict, *, num_boot: int, level: float = 0.95) -> list
     interval excludes 0, else "<= high (floor f)": the error is not resolved above its Monte Carlo
     floor; "diverged" when the process did. Three significant digits.
     """
-    from sme import weak_error
-
     names = [str(g) for g in arrays["g_names"]]
     j = names.index(TABLE_FUNCTION)
     ref = np.asarray(arrays["mean/discrete"][-1], np.float64)

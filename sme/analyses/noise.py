@@ -79,7 +79,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sme import covariance as cv
-from sme import grads, hessian, relations
+from sme import grads, hessian, lanczos, relations
 from sme.analyses import Context, register
 from sme.analyses.common import (Core, batched, jit_core, load_step_artifacts, pyplot, resolve_loss_kind,
                                  run_single, save_figure, settings_class, step_axis, train_subset)
@@ -227,9 +227,7 @@ def _alignment_core(params, x, y, hmasks, x_sgd, y_sgd, key, *, model, loss, mod
         zero = jnp.zeros((), h.dtype)
         norms = relations.HessianNorms(jnp.trace(h), zero, jnp.linalg.norm(h), zero)
     else:
-        from sme.lanczos import top_eigenpairs  # the curvature module
-
-        pairs = top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, 3), k=k, order=s["lanczos_order"])
+        pairs = lanczos.top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, 3), k=k, order=s["lanczos_order"])
         values, vectors, residuals = pairs.values, pairs.vectors, pairs.residuals
         norms = relations.hessian_norms(hvp, dim, key=jax.random.fold_in(key, 4),
                                         num_probes=s["num_probes"], basis=vectors)
