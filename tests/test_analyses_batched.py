@@ -24,11 +24,13 @@ import pytest
 
 from configs import smoke
 from sme import io, rng, testing
-from sme.analyses import REGISTRY, Analysis, common
+from sme.analyses import Analysis, common, load_all
 from sme.analyses.runner import Progress, Request, analyse_run
 from sme.testing import assert_same_results, noise_context
 from sme.testing import curvature_context as _context
 from sme.train import loop
+
+REGISTRY = load_all()  # every analysis registered, whichever tests of this file run
 
 
 SETTINGS = {"hessian": dict(order=20, top_k=3, bottom_k=1, num_probes=4, hutchpp_sketch=2),
