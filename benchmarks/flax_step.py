@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sme import losses, models  # noqa: E402
 from sme.flax_models import Dropout, from_flax  # noqa: E402
 from sme.train.state import init_state  # noqa: E402
-from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step  # noqa: E402
+from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step, train_keys  # noqa: E402
 
 IN, HIDDEN, OUT, KEEP, BATCH, N, SEED = 784, (256, 256), 10, 0.8, 256, 10_000, 0
 CHUNK, REPEATS = 200, 5
@@ -46,12 +46,13 @@ def build(model, params0):
 
     optimizer = optax.sgd(0.1)
     objective = losses.make_objective("dropout", model, "cross_entropy", mode="per_sample", lr=0.1)
-    step = make_replica_step(model, objective, optimizer, seed=SEED, batch_size=BATCH, mask_mode="per_sample")
-    advance = jax.jit(make_advance(make_train_step(step), Sampler(SEED, BATCH)))
+    step = make_replica_step(model, objective, optimizer, batch_size=BATCH, mask_mode="per_sample")
+    advance = jax.jit(make_advance(make_train_step(step), Sampler(BATCH)))
     state = init_state(model, optimizer, seed=SEED, num_replicas=1, share_init=False, dtype=jnp.float32)
-    return advance, state._replace(params=jax.tree_util.tree_map(lambda a: a[None], params0),
-                                   opt_state=jax.vmap(optimizer.init)(jax.tree_util.tree_map(lambda a: a[None],
-                                                                                             params0)))
+    keys = train_keys(SEED, 1)
+    state = state._replace(params=jax.tree_util.tree_map(lambda a: a[None], params0),
+                           opt_state=jax.vmap(optimizer.init)(jax.tree_util.tree_map(lambda a: a[None], params0)))
+    return (lambda state, n, x, y: advance(state, n, x, y, keys)), state
 
 
 def main():

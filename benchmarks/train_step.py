@@ -106,7 +106,7 @@ class SmeRun:
         from sme import config as config_lib
         from sme import losses, models
         from sme.train.loop import init_state
-        from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step
+        from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step, train_keys
 
         cfg = base.get_config()
         cfg.optim.name, cfg.optim.lr, cfg.optim.schedule = "sgd", LR, "constant"
@@ -114,8 +114,9 @@ class SmeRun:
                                        keep_prob=KEEP_PROB)
         self.optimizer = config_lib.build_optimizer(cfg)
         self.objective = losses.make_objective("dropout", self.model, "cross_entropy", mode="per_sample", lr=LR)
-        replica_step = make_replica_step(self.model, self.objective, self.optimizer, seed=SEED,
-                                         batch_size=BATCH, mask_mode="per_sample")
+        replica_step = make_replica_step(self.model, self.objective, self.optimizer, batch_size=BATCH,
+                                         mask_mode="per_sample")
+        self.keys = train_keys(SEED, num_replicas)
         self.x = jnp.asarray(x)
         self.y = jnp.asarray(np.eye(NUM_CLASSES, dtype=np.float32)[labels])
         self.initial = init_state(self.model, self.optimizer, seed=SEED, num_replicas=num_replicas,
@@ -123,8 +124,8 @@ class SmeRun:
         self.state = self.initial
         self.num_steps = jnp.asarray(chunk, jnp.int32)
         tic = time.perf_counter()
-        lowered = jax.jit(make_advance(make_train_step(replica_step), Sampler(SEED, BATCH))).lower(
-            self.state, self.num_steps, self.x, self.y)
+        lowered = jax.jit(make_advance(make_train_step(replica_step), Sampler(BATCH))).lower(
+            self.state, self.num_steps, self.x, self.y, self.keys)
         self.lower_secs = time.perf_counter() - tic
         tic = time.perf_counter()
         self.advance = lowered.compile()  # the executable train.py's jax.jit(advance) runs
@@ -140,7 +141,7 @@ class SmeRun:
         import jax.numpy as jnp
 
         steps = self.num_steps if num_steps is None else jnp.asarray(num_steps, jnp.int32)
-        new, bad = self.advance(self.state if state is None else state, steps, self.x, self.y)
+        new, bad = self.advance(self.state if state is None else state, steps, self.x, self.y, self.keys)
         jax.block_until_ready(new)
         if int(bad) >= 0:
             raise FloatingPointError(f"sme: non-finite loss at step {int(bad)}")

@@ -1,13 +1,26 @@
-"""Named PRNG key streams.
+"""Named PRNG key streams, passed as values.
 
 Every random draw in `sme` comes from a key that is a pure function of
-(seed, replica, stream, step), so that
+(seed, replica, stream, step):
 
-* resuming needs no saved key: the key for step N is recomputed from N;
+    stream key   K(seed, stream, r) = fold_in(fold_in(root_key(seed), r), stream)
+    step key     fold_in(K(seed, stream, r), N)
+
+Keys are values: a driver computes the stream keys of its R replicas once
+(`replica_keys`, an (R,) key array) and passes them into its jitted step as
+traced arguments; the step folds in the step number N (`at_step`) and nothing
+else. No jitted function holds the seed. Hence
+
+* resuming needs no saved key: the driver recomputes the stream keys from the
+  seed and the key of step N from N;
 * adding a new consumer of randomness never perturbs another (each consumer has
-  its own stream id, folded into the seed key);
+  its own stream id, folded in after the replica);
 * replica r of an R-replica run equals a single run of replica r (the replica
-  index is folded in before the stream, and replica 0 is the default).
+  index is folded in before the stream; replica 0 is the default);
+* the same seed gives the same run, however it is chunked or resumed.
+
+`stream_key` and `step_key` compute the same keys eagerly from a seed (for
+one-off draws and for tests that check a run against the formula).
 
 The seed is any integer in [0, 2**63): `root_key` uses all of its bits (the
 high and low 32-bit halves are the two words of the threefry key, as
@@ -16,6 +29,9 @@ modulo 2**32 give different runs, with or without x64.
 
 Analysis keys are additionally folded with the checkpoint step and a stable
 hash (`zlib.crc32`, never the salted builtin `hash`) of the analysis name.
+
+Synthetic datasets do not use these streams: they are drawn by NumPy seeded
+with (seed, crc32(dataset name)) (`sme.data`).
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ from __future__ import annotations
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 MAX_SEED = 2**63  # seeds are integers in [0, MAX_SEED)
@@ -33,16 +50,8 @@ DATA = 1  # minibatch indices at step N
 DROPOUT = 2  # dropout masks at step N
 SDE = 3  # Brownian increments / diffusion masks at step N
 ANALYSIS = 4  # probe and start vectors of analyses
-DATASET = 5  # synthetic dataset generation
-
-STREAMS = {
-    "INIT": INIT,
-    "DATA": DATA,
-    "DROPOUT": DROPOUT,
-    "SDE": SDE,
-    "ANALYSIS": ANALYSIS,
-    "DATASET": DATASET,
-}
+# 5 is retired (it once named synthetic dataset generation, which never drew from a stream):
+# never reuse it.
 
 
 def root_key(seed: int) -> jax.Array:
@@ -66,9 +75,27 @@ def stream_key(seed: int, stream: int, *, replica=0) -> jax.Array:
     return jax.random.fold_in(key, stream)
 
 
+def replica_keys(seed: int, stream: int, replicas) -> jax.Array:
+    """The (R,) key array of `stream` for replicas 0..R-1 (``replicas`` an int R) or for the given
+    1-D array of replica indices: entry i is ``stream_key(seed, stream, replica=replicas[i])``."""
+    if isinstance(replicas, (int, np.integer)) and not isinstance(replicas, bool):
+        if replicas < 1:
+            raise ValueError(f"number of replicas {replicas!r} must be a positive integer")
+        replicas = np.arange(replicas)
+    replicas = jnp.asarray(replicas, jnp.int32)
+    if replicas.ndim != 1:
+        raise ValueError(f"replicas must be a count or a 1-D array of replica indices, got shape {replicas.shape}")
+    return jax.vmap(lambda r: stream_key(seed, stream, replica=r))(replicas)
+
+
+def at_step(key: jax.Array, step) -> jax.Array:
+    """The key of step `step` (which may be traced) in the stream of `key` (a stream key)."""
+    return jax.random.fold_in(key, step)
+
+
 def step_key(seed: int, stream: int, step, *, replica=0) -> jax.Array:
-    """Key of `stream` at training step `step` (which may be traced)."""
-    return jax.random.fold_in(stream_key(seed, stream, replica=replica), step)
+    """Key of `stream` at training step `step` (which may be traced), computed from the seed."""
+    return at_step(stream_key(seed, stream, replica=replica), step)
 
 
 def name_id(name: str) -> int:

@@ -13,7 +13,7 @@ from configs import smoke
 from sme import dropout, io, losses, rng
 from sme import config as config_lib
 from sme.train import loop
-from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step
+from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step, train_keys
 
 VOLATILE = ("time", "steps_per_sec")
 
@@ -62,12 +62,12 @@ def test_jitted_advance_traces_once_for_any_chunk_length():
     cfg = smoke.get_config()
     setup = config_lib.build(cfg)
     objective = losses.make_objective("dropout", setup.model, cfg.loss, mode="per_sample", lr=0.1)
-    step = make_replica_step(setup.model, objective, setup.optimizer, seed=0, batch_size=50, mask_mode="per_sample")
+    step = make_replica_step(setup.model, objective, setup.optimizer, batch_size=50, mask_mode="per_sample")
     advance = jax.jit(make_advance(make_train_step(step)))
     state = loop.init_state(setup.model, setup.optimizer, seed=0, num_replicas=2, share_init=False, dtype=jnp.float32)
     x, y = jnp.asarray(setup.dataset.x_train), jnp.asarray(setup.dataset.y_train)
     for n in (1, 3, 7):
-        state, _ = advance(state, jnp.asarray(n, jnp.int32), x, y)
+        state, _ = advance(state, jnp.asarray(n, jnp.int32), x, y, train_keys(0, 2))
     assert int(state.step) == 11
     assert advance._cache_size() == 1
 
@@ -76,14 +76,15 @@ def test_chunking_does_not_change_the_numbers():
     cfg = smoke.get_config()
     setup = config_lib.build(cfg)
     objective = losses.make_objective("dropout", setup.model, cfg.loss, mode="per_sample", lr=0.1)
-    step = make_replica_step(setup.model, objective, setup.optimizer, seed=0, batch_size=50, mask_mode="per_sample")
+    step = make_replica_step(setup.model, objective, setup.optimizer, batch_size=50, mask_mode="per_sample")
     advance = jax.jit(make_advance(make_train_step(step)))
     x, y = jnp.asarray(setup.dataset.x_train), jnp.asarray(setup.dataset.y_train)
     init = loop.init_state(setup.model, setup.optimizer, seed=0, num_replicas=1, share_init=False, dtype=jnp.float32)
-    one, _ = advance(init, jnp.asarray(12, jnp.int32), x, y)
+    keys = train_keys(0, 1)
+    one, _ = advance(init, jnp.asarray(12, jnp.int32), x, y, keys)
     many = init
     for n in (5, 1, 6):
-        many, _ = advance(many, jnp.asarray(n, jnp.int32), x, y)
+        many, _ = advance(many, jnp.asarray(n, jnp.int32), x, y, keys)
     for u, v in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
         np.testing.assert_array_equal(u, v)
 
@@ -94,17 +95,18 @@ def test_carried_epoch_permutations_equal_per_step_sampling():
     cfg = smoke.get_config()
     setup = config_lib.build(cfg)
     objective = losses.make_objective("dropout", setup.model, cfg.loss, mode="per_sample", lr=0.1)
-    step = make_replica_step(setup.model, objective, setup.optimizer, seed=3, batch_size=50, mask_mode="per_sample")
+    step = make_replica_step(setup.model, objective, setup.optimizer, batch_size=50, mask_mode="per_sample")
     per_step = jax.jit(make_advance(make_train_step(step)))
-    carried = jax.jit(make_advance(make_train_step(step), Sampler(seed=3, batch_size=50)))
+    carried = jax.jit(make_advance(make_train_step(step), Sampler(batch_size=50)))
+    keys = train_keys(3, 3)
     x, y = jnp.asarray(setup.dataset.x_train), jnp.asarray(setup.dataset.y_train)
     steps_per_epoch = x.shape[0] // 50
     assert steps_per_epoch >= 2
     init = loop.init_state(setup.model, setup.optimizer, seed=0, num_replicas=3, share_init=False, dtype=jnp.float32)
-    ref, _ = per_step(init, jnp.asarray(3 * steps_per_epoch + 1, jnp.int32), x, y)
+    ref, _ = per_step(init, jnp.asarray(3 * steps_per_epoch + 1, jnp.int32), x, y, keys)
     got = init
     for n in (1, steps_per_epoch - 1, steps_per_epoch + 1, steps_per_epoch):  # chunk edges on and off epochs
-        got, _ = carried(got, jnp.asarray(n, jnp.int32), x, y)
+        got, _ = carried(got, jnp.asarray(n, jnp.int32), x, y, keys)
     assert int(got.step) == int(ref.step)
     for u, v in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(u, v)

@@ -39,7 +39,7 @@ from sme import io, losses, runs, tensorboard
 from sme.train.evaluate import make_evaluate
 from sme.train.snapshots import SnapshotBuffer, snapshot_steps
 from sme.train.state import init_state  # noqa: F401  (re-exported: callers build states as the loop does)
-from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step
+from sme.train.step import Sampler, make_advance, make_replica_step, make_train_step, train_keys
 
 
 class NonFiniteLoss(RuntimeError):
@@ -143,9 +143,9 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
 
     objective = losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode,
                                       lr=losses.penalty_coefficient(cfg))
-    replica_step = make_replica_step(model, objective, setup.optimizer, seed=cfg.seed,
-                                     batch_size=setup.batch_size, mask_mode=cfg.mask_mode)
-    advance = jax.jit(make_advance(make_train_step(replica_step), Sampler(cfg.seed, setup.batch_size)))
+    replica_step = make_replica_step(model, objective, setup.optimizer, batch_size=setup.batch_size,
+                                     mask_mode=cfg.mask_mode)
+    advance = jax.jit(make_advance(make_train_step(replica_step), Sampler(setup.batch_size)))
     evaluate = jax.jit(make_evaluate(model, cfg.loss, classification=ds.num_classes > 0))
 
     state = init_state(model, setup.optimizer, seed=cfg.seed, num_replicas=t.num_replicas,
@@ -168,6 +168,7 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
         io.remove(metrics_path)
     runs.barrier("resume point written")  # the other processes read metrics.jsonl as process 0 left it
     state = runs.shard_leading(state)
+    keys = runs.shard_leading(train_keys(cfg.seed, t.num_replicas))  # recomputed from the seed on resume
     board = tensorboard.open_writer(workdir, enabled="log" in cfg and bool(cfg.log.tensorboard),
                                     resume_step=None if resumed is None else resumed[0])  # off: does nothing
 
@@ -220,7 +221,7 @@ def _train(cfg, setup, workdir: str, restart: bool) -> dict:
         target = next(m for m in marks if m > step)
         n = min(target - step, chunk)
         tic = time.time()
-        new_state, bad = advance(state, jnp.asarray(n, jnp.int32), x_tr, y_tr)
+        new_state, bad = advance(state, jnp.asarray(n, jnp.int32), x_tr, y_tr, keys)
         bad = int(bad)
         if bad >= 0:
             # The loss at step s is that of the checkpoint of step s: only steps before `bad` are good.

@@ -34,11 +34,11 @@ def replica(tree, index: int):
 
 
 def init_state(model, optimizer, *, seed: int, num_replicas: int, share_init: bool, dtype) -> TrainState:
-    """Initial state of R replicas; replica r uses key(seed, INIT, r), or replica 0's if shared.
+    """Initial state of R replicas; replica r uses K(seed, INIT, r), or replica 0's if shared.
 
     Cost: R parameter initialisations.
     """
     replicas = jnp.zeros(num_replicas, jnp.int32) if share_init else jnp.arange(num_replicas)
-    params = jax.vmap(lambda r: model.init(rng.stream_key(seed, rng.INIT, replica=r), dtype=dtype))(replicas)
+    params = jax.vmap(lambda key: model.init(key, dtype=dtype))(rng.replica_keys(seed, rng.INIT, replicas))
     return TrainState(jnp.asarray(0, jnp.int32), params, jax.vmap(optimizer.init)(params),
                       jnp.zeros((num_replicas,), dtype))

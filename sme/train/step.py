@@ -1,14 +1,19 @@
 """Pure training steps for dropout GD/SGD and the regularised objectives.
 
-One step for one replica, at step N:
+One step for one replica r, at step N, given the replica's stream keys
+``keys = StepKeys(data=K(seed, DATA, r), dropout=K(seed, DROPOUT, r))`` (`sme.rng`):
 
-    batch  = data[batch_indices(key(seed, DATA, replica), N)]   (or the full set: dropout GD)
-    masks  = sample_masks(key(seed, DROPOUT, N, replica))       (per_sample: one per example)
+    batch  = data[batch_indices(keys.data, N)]            (or the full set: dropout GD)
+    masks  = step_masks(sites, keys.dropout, N)           (per_sample: one per example)
     theta <- optimizer(theta, grad objective(theta; batch, masks))
 
-Every key is a function of (seed, replica, stream, N) only, so a run is the same
-whether it is executed in one chunk or many, and resuming needs no RNG state.
-Replicas are a leading axis added by `jax.vmap` in `make_train_step`.
+The keys are values: `train_keys(seed, R)` computes the (R,) stream keys once, and
+the jitted step receives them as traced arguments and folds in N only (the seed is
+never a constant of the compiled step). Every key is a function of (seed, replica,
+stream, N) only, so a run is the same whether it is executed in one chunk or many,
+and resuming needs no RNG state. Replicas are a leading axis added by `jax.vmap` in
+`make_train_step`. `step_masks` is THE rule for the masks of step N: the lockstep
+discrete process (`sme.lockstep`) draws its masks with it too.
 
 Minibatch order: an epoch's permutation of n examples costs far more than a small
 model's step (a sort of n keys), so `make_advance` given a `Sampler` draws it once
@@ -20,7 +25,7 @@ bit-identical runs (tested).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,46 +33,75 @@ import optax
 
 from sme import rng
 from sme.data import batch_from_permutation, batch_indices, epoch_permutation
-from sme.dropout import mask_shape, sample_masks
+from sme.diffusion import masks_from_uniforms, unit_uniforms
+from sme.dropout import Sites, mask_shape, sample_masks
 from sme.models import Model
+from sme.train.state import TrainState
+
+
+class StepKeys(NamedTuple):
+    """The stream keys a training step draws from (a pytree: pass it to jitted code as a traced value).
+
+    Attributes:
+      data: K(seed, DATA, r), the minibatch order (one permutation per epoch).
+      dropout: K(seed, DROPOUT, r), the dropout masks (`step_masks`).
+
+    Each is an (R,) key array for R replicas, or a single key inside a vmapped replica step.
+    """
+
+    data: jax.Array
+    dropout: jax.Array
+
+
+def train_keys(seed: int, num_replicas: int) -> StepKeys:
+    """The stream keys of replicas 0..R-1: computed once per run (and again on resume), never saved."""
+    return StepKeys(rng.replica_keys(seed, rng.DATA, num_replicas), rng.replica_keys(seed, rng.DROPOUT, num_replicas))
+
+
+def step_masks(sites: Sites, key: jax.Array, step, *, batch_shape=(), dtype=jnp.float32, uniforms: bool = False):
+    """The dropout masks of step N (``step``, may be traced) of one replica whose DROPOUT stream key is ``key``:
+    ``sample_masks(sites, key=fold_in(key, N))``. With ``uniforms`` also the unit uniforms U (*batch_shape, m)
+    behind them (``masks = 1[U < p]/p``, the same masks; see `sme.diffusion.unit_uniforms`), returned as
+    ``(masks, U)``. Cost: one uniform per unit (x examples for per_sample masks)."""
+    key = rng.at_step(key, step)
+    if not uniforms:
+        return sample_masks(sites, key=key, batch_shape=batch_shape, dtype=dtype)
+    u = unit_uniforms(sites, key=key, batch_shape=batch_shape)
+    return masks_from_uniforms(sites, u, dtype=dtype), u
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Minibatch sampling of every replica: epochs without replacement keyed by (seed, DATA, replica)."""
+    """Minibatch sampling of every replica: epochs without replacement keyed by the replicas' DATA keys."""
 
-    seed: int
     batch_size: int
 
-    def permutations(self, step, num_replicas: int, num_examples: int) -> jax.Array:
-        """The (num_replicas, n) permutations of the epoch that contains ``step``."""
+    def permutations(self, step, data_keys: jax.Array, num_examples: int) -> jax.Array:
+        """The (R, n) permutations of the epoch that contains ``step``; ``data_keys`` (R,) as `StepKeys.data`."""
         epoch = step // (num_examples // self.batch_size)
-        keys = jax.vmap(lambda r: rng.stream_key(self.seed, rng.DATA, replica=r))(jnp.arange(num_replicas))
-        return jax.vmap(lambda k: epoch_permutation(k, epoch, num_examples))(keys)
+        return jax.vmap(lambda k: epoch_permutation(k, epoch, num_examples))(data_keys)
 
 
 def make_replica_step(model: Model, objective_fn: Callable, optimizer: optax.GradientTransformation, *,
-                      seed: int, batch_size: int, mask_mode: str):
-    """Return ``step(params, opt_state, step, replica, x, y, perm=None) -> (params, opt_state, loss)``.
+                      batch_size: int, mask_mode: str):
+    """Return ``step(params, opt_state, step, keys, x, y, perm=None) -> (params, opt_state, loss)``.
 
-    ``x, y`` are the full training arrays; the step takes its minibatch when
-    ``batch_size < len(x)``: from ``perm``, this replica's permutation of the
-    current epoch, when given, else by drawing it (`batch_indices`). Cost: one
-    gradient of the objective on B examples.
+    ``keys`` is this replica's `StepKeys`. ``x, y`` are the full training arrays; the
+    step takes its minibatch when ``batch_size < len(x)``: from ``perm``, this
+    replica's permutation of the current epoch, when given, else by drawing it
+    (`batch_indices`). Cost: one gradient of the objective on B examples.
     """
 
-    def replica_step(params, opt_state, step, replica, x, y, perm=None):
+    def replica_step(params, opt_state, step, keys: StepKeys, x, y, perm=None):
         num_examples = x.shape[0]
         if batch_size < num_examples:
             if perm is None:
-                idx = batch_indices(rng.stream_key(seed, rng.DATA, replica=replica), step,
-                                    num_examples=num_examples, batch_size=batch_size)
+                idx = batch_indices(keys.data, step, num_examples=num_examples, batch_size=batch_size)
             else:
                 idx = batch_from_permutation(perm, step, batch_size=batch_size)
             x, y = x[idx], y[idx]
-        mask_key = rng.step_key(seed, rng.DROPOUT, step, replica=replica)
         shape = mask_shape(mask_mode, batch_size)
-        masks = sample_masks(model.sites, key=mask_key, batch_shape=shape, dtype=x.dtype)
+        masks = step_masks(model.sites, keys.dropout, step, batch_shape=shape, dtype=x.dtype)
         loss, grads = jax.value_and_grad(objective_fn)(params, x, y, masks)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -76,20 +110,21 @@ def make_replica_step(model: Model, objective_fn: Callable, optimizer: optax.Gra
 
 
 def make_train_step(replica_step):
-    """Vmap a replica step over the leading replica axis of params and opt_state."""
+    """Vmap a replica step over the leading replica axis of params, opt_state and the keys."""
     batched = jax.vmap(replica_step, in_axes=(0, 0, None, 0, None, None, 0))
 
-    def train_step(params, opt_state, step, x, y, perms=None):
-        """``perms``: (R, n) epoch permutations (see `Sampler`), or None to draw them per step."""
-        num_replicas = jax.tree_util.tree_leaves(params)[0].shape[0]
-        return batched(params, opt_state, step, jnp.arange(num_replicas), x, y, perms)
+    def train_step(params, opt_state, step, keys: StepKeys, x, y, perms=None):
+        """``keys``: `StepKeys` of (R,) keys (`train_keys`); ``perms``: (R, n) epoch permutations
+        (see `Sampler`), or None to draw them per step."""
+        return batched(params, opt_state, step, keys, x, y, perms)
 
     return train_step
 
 
 def make_advance(train_step, sampler: Sampler | None = None):
-    """Return ``advance(state, num_steps, x, y) -> (state, first_bad_step)``.
+    """Return ``advance(state, num_steps, x, y, keys) -> (state, first_bad_step)``.
 
+    ``keys``: the replicas' `StepKeys` (`train_keys`), a traced argument like the data.
     Runs ``num_steps`` steps in one `lax.fori_loop` whose trip count is a traced
     value, so one compilation serves chunks of any length. Each step's training
     losses (R,) are added to ``state.loss_sum``; ``first_bad_step`` is the first
@@ -97,20 +132,18 @@ def make_advance(train_step, sampler: Sampler | None = None):
     minibatches), the epoch permutations (R, n) are drawn once per epoch and
     carried through the loop; without one, every step draws its own.
     """
-    from sme.train.state import TrainState
 
-    def advance(state: TrainState, num_steps, x, y):
+    def advance(state: TrainState, num_steps, x, y, keys: StepKeys):
         num_examples = x.shape[0]
         minibatch = sampler is not None and sampler.batch_size < num_examples
-        num_replicas = state.loss_sum.shape[0]
-        draw = lambda step: sampler.permutations(step, num_replicas, num_examples)  # noqa: E731
+        draw = lambda step: sampler.permutations(step, keys.data, num_examples)  # noqa: E731
         steps_per_epoch = num_examples // sampler.batch_size if minibatch else 1
 
         def body(_, carry):
             state, bad, perms = carry
             if minibatch:  # a new epoch starts: draw its permutations (the first chunk's are drawn below)
                 perms = jax.lax.cond(state.step % steps_per_epoch == 0, draw, lambda _: perms, state.step)
-            params, opt_state, loss = train_step(state.params, state.opt_state, state.step, x, y, perms)
+            params, opt_state, loss = train_step(state.params, state.opt_state, state.step, keys, x, y, perms)
             finite = jnp.all(jnp.isfinite(loss))
             bad = jnp.where((bad < 0) & ~finite, state.step, bad)
             return TrainState(state.step + 1, params, opt_state, state.loss_sum + loss), bad, perms
