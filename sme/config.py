@@ -2,8 +2,9 @@
 
 Library functions never see a ConfigDict. This module is the only place that
 reads one: `validate` checks every field against the allowed range before
-anything is computed or written, and `build` returns the typed objects
-(dataset, model, optimizer, schedule of checkpoint steps) a run needs.
+anything is computed or written, and `build` returns a `Run`: the complete, typed
+description of a run (data, model, objective, optimizer, seed, the `TrainSpec` and,
+for an SME sweep, the `SweepSpec`), so the drivers never read the config again.
 """
 
 from __future__ import annotations
@@ -339,16 +340,116 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
+class TrainSpec:
+    """The ``train`` block, typed: what the training loop runs and when it evaluates, saves and logs."""
+
+    num_steps: int
+    batch_size: int  # resolved: the number of training examples when the config says 0 (full batch)
+    num_replicas: int
+    share_init: bool
+    dtype: str  # "float32" | "float64"
+    eval_every: int
+    checkpoint_every: int
+    checkpoint_steps: tuple[int, ...]  # kept checkpoints (`parse_checkpoint_steps`), the final step included
+    log_every_secs: float
+    snapshot_start: int  # -1: no snapshots
+    snapshot_every: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """The ``sde`` block of an SME sweep (``sde.enabled``), typed, with its grids and models resolved.
+
+    ``models[i]`` is the run's model at keep probability ``keep_probs[i]`` (every site's keep_prob).
+    """
+
+    lrs: tuple[float, ...]
+    keep_probs: tuple[float, ...]
+    horizon: float  # T of SME time t = N eps
+    models: tuple[models.Model, ...]
+    variants: tuple[str, ...]
+    diffusion: str
+    loss_estimator: str
+    num_masks: int
+    substeps: int
+    richardson: bool
+    svag_substeps: int
+    coupling: str
+    r2_trace: str
+    layout: str
+    chunk_size: int
+    max_enumerated_units: int
+    num_replicas: int
+    num_batches: int
+    num_evals: int
+    num_probes: int
+    eval_num_masks: int
+    num_boot: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """Everything a driver needs, built once from a validated config (`build`).
+
+    The drivers (`sme.train.loop`, `sme.sweep`, `sme.driver`) read these fields and never the
+    config itself; ``config`` is the config as a plain dict, kept to be written to config.json and
+    compared on resume (`sme.runs`), and to identify sweep cells.
+    """
+
+    config: dict
     dataset: data_lib.Dataset
     model: models.Model
+    loss: str  # per-example loss name
+    objective: Any  # `losses.make_objective`: fn(params, x, y, masks) -> scalar
     optimizer: optax.GradientTransformation
-    checkpoint_steps: list[int]
-    batch_size: int  # resolved: full batch when the config says 0
+    seed: int
+    mask_mode: str
+    lr: float  # optim.lr (the base learning rate eps)
+    train: TrainSpec
+    sweep: SweepSpec | None  # the SME sweep when config.sde.enabled, else None
+    tensorboard: bool  # also write the metrics to <workdir>/tensorboard
+
+    @property
+    def batch_size(self) -> int:
+        return self.train.batch_size
 
 
-def build(cfg) -> Setup:
-    """Validate, load the data, and build everything a run needs. Writes nothing."""
+def build_train(cfg, num_train: int) -> TrainSpec:
+    t = cfg.train
+    return TrainSpec(
+        num_steps=int(t.num_steps), batch_size=int(t.batch_size or num_train), num_replicas=int(t.num_replicas),
+        share_init=bool(t.share_init), dtype=str(t.dtype), eval_every=int(t.eval_every),
+        checkpoint_every=int(t.checkpoint_every),
+        checkpoint_steps=tuple(parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)),
+        log_every_secs=float(t.log_every_secs), snapshot_start=int(t.snapshot_start),
+        snapshot_every=int(t.snapshot_every))
+
+
+def build_sweep(cfg, dataset: data_lib.Dataset) -> SweepSpec:
+    """The SME sweep of a validated config with ``sde.enabled``: grids, one model per keep_prob, settings."""
+    s = cfg.sde
+    lrs, keep_probs, horizon = sde_grids(cfg)
+    per_p = []
+    for p in keep_probs:
+        c = cfg.copy_and_resolve_references()
+        c.model.keep_prob = p
+        per_p.append(build_model(c, dataset))
+    return SweepSpec(
+        lrs=tuple(lrs), keep_probs=tuple(keep_probs), horizon=horizon, models=tuple(per_p),
+        variants=tuple(v.strip() for v in s.variants.split(",") if v.strip()), diffusion=s.diffusion,
+        loss_estimator=s.loss_estimator, num_masks=s.num_masks, substeps=s.substeps, richardson=s.richardson,
+        svag_substeps=s.svag_substeps, coupling=s.coupling, r2_trace=s.r2_trace,
+        layout=s.get("layout", "replica"), chunk_size=s.get("chunk_size", 4096),  # configs without them
+        max_enumerated_units=s.max_enumerated_units, num_replicas=s.num_replicas, num_batches=s.num_batches,
+        num_evals=s.num_evals, num_probes=s.num_probes, eval_num_masks=s.eval_num_masks, num_boot=s.num_boot)
+
+
+def build(cfg) -> Run:
+    """Validate, load the data, and build everything a run needs (`Run`). Writes nothing.
+
+    Raises:
+      ConfigError: a field is out of range, or does not fit the data or the model (one line).
+    """
     validate(cfg)
     try:
         dataset = data_lib.load_dataset(data_spec(cfg))
@@ -361,8 +462,11 @@ def build(cfg) -> Setup:
         _check(dataset.num_classes > 0, "loss", cfg.loss, f"{dataset.name} is a regression set: use mse")
     model = build_model(cfg, dataset)
     try:
-        losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode, lr=losses.penalty_coefficient(cfg))
+        objective = losses.make_objective(cfg.objective, model, cfg.loss, mode=cfg.mask_mode,
+                                          lr=losses.penalty_coefficient(cfg))
     except ValueError as err:
         raise ConfigError(f"config.objective={cfg.objective!r}: {err}") from err
-    steps = parse_checkpoint_steps(t.checkpoint_steps, t.num_steps)
-    return Setup(dataset, model, build_optimizer(cfg), steps, t.batch_size or n)
+    sweep = build_sweep(cfg, dataset) if "sde" in cfg and cfg.sde.enabled else None
+    return Run(config=cfg.to_dict(), dataset=dataset, model=model, loss=cfg.loss, objective=objective,
+               optimizer=build_optimizer(cfg), seed=int(cfg.seed), mask_mode=cfg.mask_mode, lr=float(cfg.optim.lr),
+               train=build_train(cfg, n), sweep=sweep, tensorboard="log" in cfg and bool(cfg.log.tensorboard))

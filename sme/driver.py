@@ -2,7 +2,8 @@
 
 Both drivers are peers over the same run bookkeeping (`sme.runs`): `sme.train.loop`
 trains, `sme.sweep` runs discrete dropout GD beside its SDEs (``config.sde.enabled``).
-Neither imports the other.
+Neither imports the other. The config is read once, by `sme.config.build`; the drivers
+take the typed `sme.config.Run` it returns.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from sme.train import loop
 
 
 def run(cfg, workdir: str, *, restart: bool = False) -> dict:
-    """Validate `cfg`, then train or sweep into `workdir` (resuming it); returns the final record.
+    """Validate and build `cfg`, then train or sweep into `workdir` (resuming it); returns the final record.
 
     Raises:
-      ConfigError, RunError, NonFiniteLoss: as `sme.train.loop.run` and `sme.sweep.run_sde`.
+      ConfigError, RunError, NonFiniteLoss: as `sme.train.loop.train` and `sme.sweep.run_sde`.
     """
-    if "sde" in cfg and cfg.sde.enabled:
-        return sweep.run_sde(cfg, workdir, config_lib.build(cfg), restart=restart)
-    return loop.run(cfg, workdir, restart=restart)
+    return execute(config_lib.build(cfg), workdir, restart=restart)
+
+
+def execute(run: config_lib.Run, workdir: str, *, restart: bool = False) -> dict:
+    """Train `run`, or run its SME sweep when it has one (``run.sweep``), into `workdir`."""
+    if run.sweep is not None:
+        return sweep.run_sde(run, workdir, restart=restart)
+    return loop.train(run, workdir, restart=restart)

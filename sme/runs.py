@@ -71,9 +71,15 @@ def config_path(workdir: str) -> str:
     return os.path.join(workdir, CONFIG_FILE)
 
 
-def write_run_config(workdir: str, cfg, **sizes) -> None:
-    """Write ``config.json``: the config as a JSON object, versions, start time and ``sizes``."""
-    io.write_json(config_path(workdir), {"config": cfg.to_dict(), "versions": versions(),
+def _as_dict(config) -> dict:
+    """A config as a plain dict: a ConfigDict's ``to_dict()``, or the dict itself (`sme.config.Run.config`)."""
+    return config.to_dict() if hasattr(config, "to_dict") else config
+
+
+def write_run_config(workdir: str, config, **sizes) -> None:
+    """Write ``config.json``: the config (a ConfigDict or its dict) as a JSON object, versions, start time
+    and ``sizes``."""
+    io.write_json(config_path(workdir), {"config": _as_dict(config), "versions": versions(),
                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **sizes}, digest=True)
 
 
@@ -88,8 +94,9 @@ def read_run_config(workdir: str) -> dict:
         raise RunError(str(err)) from err
 
 
-def check_same_run(cfg, workdir: str) -> bool:
-    """True when ``workdir`` holds a run of the same config, False when it holds no config.json.
+def check_same_run(config, workdir: str) -> bool:
+    """True when ``workdir`` holds a run of ``config`` (a ConfigDict or its dict), False when it holds no
+    config.json.
 
     A field the saved config lacks (added to ``configs/base.py`` later) counts as equal when the
     new config holds its base default.
@@ -101,7 +108,7 @@ def check_same_run(cfg, workdir: str) -> bool:
     if not os.path.exists(config_path(workdir)):
         return False
     saved = read_run_config(workdir)["config"]
-    now = config_lib._flatten(cfg.to_dict())
+    now = config_lib._flatten(_as_dict(config))
     old = config_lib._flatten(saved)
     # A field added to configs/base.py after the run started is absent from its config.json: at its
     # default it describes the same run (the run was made with the behaviour the default keeps).

@@ -20,7 +20,7 @@ times. Artifacts (the workdir layout of `sme.io`, plus):
 
 The sweep holds the workdir lock (`sme.runs.WorkdirLock`) while it runs, writes config.json and
 checks it on resume like the training loop (`sme.runs`), and is chosen over training by
-`sme.driver.run`.
+`sme.driver.run`. It reads the typed `sme.config.Run` (its `sme.config.SweepSpec`), never the config.
 
 Every number is a function of the config (keys of (seed, stream, step, substep, replica)), so chunking,
 interruption and the device count do not change it beyond float re-association.
@@ -55,14 +55,14 @@ def resolve_methods(model, loss: str, diffusion: str, estimator: str, max_units:
     return (auto() if diffusion == "auto" else diffusion), (auto() if estimator == "auto" else estimator)
 
 
-def make_spec(cfg, model) -> lockstep.LockstepSpec:
-    s = cfg.sde
-    diffusion, estimator = resolve_methods(model, cfg.loss, s.diffusion, s.loss_estimator, s.max_enumerated_units)
+def make_spec(sweep: config_lib.SweepSpec, model, loss: str, seed: int) -> lockstep.LockstepSpec:
+    """The lockstep processes of `sweep` for `model` ('auto' methods resolved for it)."""
+    s = sweep
+    diffusion, estimator = resolve_methods(model, loss, s.diffusion, s.loss_estimator, s.max_enumerated_units)
     return lockstep.LockstepSpec(
-        variants=tuple(v.strip() for v in s.variants.split(",") if v.strip()), diffusion=diffusion,
-        estimator=estimator, num_masks=s.num_masks, substeps=s.substeps, richardson=s.richardson,
-        svag_substeps=s.svag_substeps, coupling=s.coupling, trace=s.r2_trace, seed=cfg.seed,
-        layout=s.get("layout", "replica"), chunk_size=s.get("chunk_size", 4096))  # configs without them: per replica
+        variants=s.variants, diffusion=diffusion, estimator=estimator, num_masks=s.num_masks, substeps=s.substeps,
+        richardson=s.richardson, svag_substeps=s.svag_substeps, coupling=s.coupling, trace=s.r2_trace, seed=seed,
+        layout=s.layout, chunk_size=s.chunk_size)
 
 
 def cell_name(keep_prob: float, lr: float) -> str:
@@ -106,14 +106,12 @@ def eval_steps(num_steps: int, num_evals: int) -> list[int]:
 class _PerKeepProb:
     """Model, problem, jitted advance/evaluate for one keep_prob (reused across learning rates)."""
 
-    def __init__(self, cfg, setup, keep_prob: float):
-        s, ds = cfg.sde, setup.dataset
-        c = cfg.copy_and_resolve_references()
-        c.model.keep_prob = keep_prob
-        self.model = config_lib.build_model(c, ds)
-        self.spec = make_spec(cfg, self.model)
-        dtype = jnp.dtype(cfg.train.dtype)
-        self.problem = Problem(self.model, cfg.loss, cfg.mask_mode, jnp.asarray(ds.x_train, dtype),
+    def __init__(self, run: config_lib.Run, keep_prob: float):
+        s, ds = run.sweep, run.dataset
+        self.model = s.models[s.keep_probs.index(keep_prob)]
+        self.spec = make_spec(s, self.model, run.loss, run.seed)
+        dtype = jnp.dtype(run.train.dtype)
+        self.problem = Problem(self.model, run.loss, run.mask_mode, jnp.asarray(ds.x_train, dtype),
                                jnp.asarray(ds.y_train, dtype))
         try:
             lockstep.check_spec(self.spec, self.problem, max_units=s.max_enumerated_units)
@@ -124,7 +122,7 @@ class _PerKeepProb:
         eval_estimator = self.spec.estimator
         loss_masks = None
         if eval_estimator == "masks":
-            loss_masks = draw_masks(self.problem, key=rng.analysis_key(cfg.seed, "sde_loss_masks", 0),
+            loss_masks = draw_masks(self.problem, key=rng.analysis_key(run.seed, "sde_loss_masks", 0),
                                     num_masks=s.eval_num_masks)
         probes = np.linspace(0, len(ds.x_test) - 1, s.num_probes).round().astype(int)
         self.data = lockstep.TestData(jnp.asarray(ds.x_test[probes], dtype), jnp.asarray(ds.x_test, dtype),
@@ -133,16 +131,18 @@ class _PerKeepProb:
         g_fn = lockstep.make_test_functions(self.problem, eval_estimator, classification=classification)
         self.advance = jax.jit(lockstep.make_advance(self.spec))
         self.evaluate = jax.jit(lockstep.make_evaluate(self.spec, g_fn, num_batches=s.num_batches))
-        self.params0 = self.model.init(rng.stream_key(cfg.seed, rng.INIT, replica=0), dtype=dtype)
+        self.params0 = self.model.init(rng.stream_key(run.seed, rng.INIT, replica=0), dtype=dtype)
 
 
-def cell_config(cfg, keep_prob: float, lr: float, horizon: float, spec: lockstep.LockstepSpec) -> str:
-    s = cfg.sde
-    return json.dumps({"seed": cfg.seed, "data": cfg.data.to_dict(), "model": {**cfg.model.to_dict(),
-                       "keep_prob": keep_prob}, "loss": cfg.loss, "mask_mode": cfg.mask_mode, "lr": lr,
-                       "horizon": horizon, "spec": repr(spec), "num_replicas": s.num_replicas,
+def cell_config(run: config_lib.Run, keep_prob: float, lr: float, spec: lockstep.LockstepSpec) -> str:
+    """The identity of a cell as JSON text (stored in its file; a cell is reused only when it matches).
+    The data and model blocks are the config's as written (``run.config``)."""
+    s = run.sweep
+    return json.dumps({"seed": run.seed, "data": run.config["data"], "model": {**run.config["model"],
+                       "keep_prob": keep_prob}, "loss": run.loss, "mask_mode": run.mask_mode, "lr": lr,
+                       "horizon": s.horizon, "spec": repr(spec), "num_replicas": s.num_replicas,
                        "num_batches": s.num_batches, "num_evals": s.num_evals, "num_probes": s.num_probes,
-                       "eval_num_masks": s.eval_num_masks, "dtype": cfg.train.dtype}, sort_keys=True, default=list)
+                       "eval_num_masks": s.eval_num_masks, "dtype": run.train.dtype}, sort_keys=True, default=list)
 
 
 def _record(name, keep_prob, lr, step, values: dict, g_names, num_replicas) -> dict:
@@ -158,9 +158,9 @@ def _record(name, keep_prob, lr, step, values: dict, g_names, num_replicas) -> d
     return rec
 
 
-def run_cell(cfg, ctx: _PerKeepProb, keep_prob: float, lr: float, horizon: float):
+def run_cell(sweep: config_lib.SweepSpec, ctx: _PerKeepProb, keep_prob: float, lr: float):
     """Simulate one cell; returns (arrays for the npz, metrics records)."""
-    s = cfg.sde
+    s, horizon = sweep, sweep.horizon
     num_steps = int(round(horizon / lr))
     steps = eval_steps(num_steps, s.num_evals)
     state = runs.shard_leading(lockstep.init_lockstep(ctx.params0, ctx.spec, s.num_replicas))
@@ -234,24 +234,58 @@ def format_table(rows: list[tuple[str, ...]], columns=TABLE_COLUMNS) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [columns, *rows])
 
 
-def run_sde(cfg, workdir: str, setup, *, restart: bool = False) -> dict:
-    """The sweep of `cfg` (already validated into `setup`), resuming finished cells, under the
-    workdir lock. Returns a record with the last cell's final discrete R_S and the number of cells.
+def run_sde(run: config_lib.Run, workdir: str, *, restart: bool = False) -> dict:
+    """The sweep of `run` (``run.sweep``), resuming finished cells, under the workdir lock. Returns a
+    record with the last cell's final discrete R_S and the number of cells.
 
     Raises:
       ConfigError: a model-dependent sde check fails, or the workdir holds another config.
       RunError: the workdir is busy, unusable, or holds results but no config.json (unless ``restart``).
     """
-    lrs, keep_probs, horizon = config_lib.sde_grids(cfg)
-    per_p = {p: _PerKeepProb(cfg, setup, p) for p in keep_probs}  # model checks before any write
+    if run.sweep is None:
+        raise config_lib.ConfigError("config.sde.enabled=False: this run trains, it is not an SME sweep "
+                                     "(sme.driver.run)")
+    per_p = {p: _PerKeepProb(run, p) for p in run.sweep.keep_probs}  # model checks before any write
     runs.check_workdir(workdir)
     with runs.WorkdirLock(workdir, "SME sweep"):
-        return _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart)
+        return _sweep(run, workdir, per_p, restart)
 
 
-def _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart) -> dict:
+def _sweep(run: config_lib.Run, workdir: str, per_p: dict, restart: bool) -> dict:
     runs.clean_temporaries(workdir)
-    if not runs.check_same_run(cfg, workdir):
+    _start(run, workdir, per_p, restart)
+    s = run.sweep
+    cells = [(p, lr) for p in s.keep_probs for lr in s.lrs]
+    configs = {c: cell_config(run, c[0], c[1], per_p[c[0]].spec) for c in cells}
+    done = {c for c in cells if load_cell(cell_path(workdir, *c), configs[c]) is not None}
+    runs.agree_on_resume(workdir, [int(c in done) for c in cells])  # every process redoes the same cells
+    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
+    _keep_finished_records(metrics_path, done)
+    start = time.time()
+    for i, (p, lr) in enumerate(cells):
+        if (p, lr) in done:
+            logging.info("cell %s: done, skipped", cell_name(p, lr))
+            continue
+        arrays, cell_records = run_cell(s, per_p[p], p, lr)
+        arrays["cell_config"] = np.array(configs[(p, lr)])
+        for rec in cell_records:
+            io.append_jsonl(metrics_path, rec)
+        save_cell(cell_path(workdir, p, lr), arrays)  # last: the file marks the cell finished
+        rate = s.num_replicas * int(round(s.horizon / lr)) / max(float(arrays["seconds"]), 1e-9)
+        logging.info("cell %s (%d/%d): %d steps x %d replicas in %.1fs (%.3g replica-steps/s, compile "
+                     "included); elapsed %.0fs", cell_name(p, lr), i + 1, len(cells), int(round(s.horizon / lr)),
+                     s.num_replicas, float(arrays["seconds"]), rate, time.time() - start)
+        logging.info("cell %s (%d/%d):\n%s", cell_name(p, lr), i + 1, len(cells),
+                     format_table(cell_table_rows(arrays, num_boot=s.num_boot)))
+    final = ([r for r in io.read_jsonl(metrics_path) if r.get("cell") == cell_name(*cells[-1])] or [{}])[-1]
+    return {"step": int(final.get("step", 0)), "cells": len(cells),
+            "train/risk": float(final.get("discrete/R_S/mean", float("nan")))}
+
+
+def _start(run: config_lib.Run, workdir: str, per_p: dict, restart: bool) -> None:
+    """Check the workdir holds this run (or write its config.json, discarding results only with
+    ``restart``), and save the initial state as checkpoint 0 so `analyze.py` finds the run."""
+    if not runs.check_same_run(run.config, workdir):
         held = ([p for _, p in io.list_checkpoints(workdir)] + glob.glob(cell_path(workdir, "*", "*"))
                 + glob.glob(os.path.join(workdir, runs.METRICS_FILE)))
         if held and not restart:
@@ -259,46 +293,24 @@ def _sweep(cfg, workdir, setup, per_p, lrs, keep_probs, horizon, restart) -> dic
                                 "this run; nothing was changed. Use another --workdir, or --restart to discard them")
         for path in held:  # --restart: start over
             io.remove(path)
-        runs.write_run_config(
-            workdir, cfg, num_train=setup.dataset.num_train, num_test=len(setup.dataset.x_test),
-            num_params=int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(per_p[keep_probs[0]].params0))))
+        params0 = per_p[run.sweep.keep_probs[0]].params0
+        runs.write_run_config(workdir, run.config, num_train=run.dataset.num_train, num_test=len(run.dataset.x_test),
+                              num_params=int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(params0))))
     if distributed.is_writer():
         os.makedirs(os.path.join(workdir, SME_DIR), exist_ok=True)
     if not io.list_checkpoints(workdir):
-        dtype = jnp.dtype(cfg.train.dtype)
-        state = init_state(setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
-                           share_init=cfg.train.share_init, dtype=dtype)
+        t = run.train
+        state = init_state(run.model, run.optimizer, seed=run.seed, num_replicas=t.num_replicas,
+                           share_init=t.share_init, dtype=jnp.dtype(t.dtype))
         io.save_checkpoint(workdir, 0, jax.device_get(state))
-    cells = [(p, lr) for p in keep_probs for lr in lrs]
-    configs = {c: cell_config(cfg, c[0], c[1], horizon, per_p[c[0]].spec) for c in cells}
-    done = {c for c in cells if load_cell(cell_path(workdir, *c), configs[c]) is not None}
-    runs.agree_on_resume(workdir, [int(c in done) for c in cells])  # every process redoes the same cells
-    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
+
+
+def _keep_finished_records(metrics_path: str, done: set) -> None:
+    """Drop the metrics lines of unfinished cells (and a line cut by a kill): they are redone."""
     records = io.read_jsonl(metrics_path)
     kept = [r for r in records if (r.get("keep_prob"), r.get("lr")) in done]
     if len(kept) != len(records) or os.path.exists(metrics_path) and len(records) != _num_lines(metrics_path):
-        io.write_jsonl(metrics_path, kept)  # lines of unfinished cells (and a line cut by a kill) are redone
-    last, start = None, time.time()
-    for i, (p, lr) in enumerate(cells):
-        if (p, lr) in done:
-            logging.info("cell %s: done, skipped", cell_name(p, lr))
-            continue
-        arrays, cell_records = run_cell(cfg, per_p[p], p, lr, horizon)
-        arrays["cell_config"] = np.array(configs[(p, lr)])
-        for rec in cell_records:
-            io.append_jsonl(metrics_path, rec)
-        save_cell(cell_path(workdir, p, lr), arrays)  # last: the file marks the cell finished
-        last = cell_records[-1]
-        rate = cfg.sde.num_replicas * int(round(horizon / lr)) / max(float(arrays["seconds"]), 1e-9)
-        logging.info("cell %s (%d/%d): %d steps x %d replicas in %.1fs (%.3g replica-steps/s, compile "
-                     "included); elapsed %.0fs", cell_name(p, lr), i + 1, len(cells), int(round(horizon / lr)),
-                     cfg.sde.num_replicas, float(arrays["seconds"]), rate, time.time() - start)
-        logging.info("cell %s (%d/%d):\n%s", cell_name(p, lr), i + 1, len(cells),
-                     format_table(cell_table_rows(arrays, num_boot=cfg.sde.num_boot)))
-    del last
-    final = ([r for r in io.read_jsonl(metrics_path) if r.get("cell") == cell_name(*cells[-1])] or [{}])[-1]
-    return {"step": int(final.get("step", 0)), "cells": len(cells),
-            "train/risk": float(final.get("discrete/R_S/mean", float("nan")))}
+        io.write_jsonl(metrics_path, kept)
 
 
 def _num_lines(path: str) -> int:

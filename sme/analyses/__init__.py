@@ -26,16 +26,52 @@ every requested analysis before any data or checkpoint is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any, Callable
 
 import numpy as np
 
+from configs import base as base_config
 from sme.data import Dataset
 from sme.models import Model
 
 # Modules (under sme.analyses) that define analyses; imported lazily by load_all().
 ANALYSIS_MODULES = ("curvature", "noise", "landscape", "weak_error")
+
+
+@functools.lru_cache(maxsize=1)
+def _base_defaults() -> dict:
+    return base_config.get_config().to_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """The run's config fields that analyses read, typed (`from_config`).
+
+    Attributes:
+      batch_size: ``train.batch_size`` as configured (0 = full batch).
+      num_steps: ``train.num_steps``.
+      num_replicas: ``train.num_replicas``.
+      num_boot: ``sde.num_boot``, bootstrap draws of the weak-error intervals.
+      workdir: the run's directory ("" when the context is not from a run directory).
+    """
+
+    batch_size: int
+    num_steps: int
+    num_replicas: int
+    num_boot: int
+    workdir: str = ""
+
+    @classmethod
+    def from_config(cls, config: dict, workdir: str = "") -> "RunInfo":
+        """From a run's config as a plain dict (its config.json). A field the dict lacks (a run written
+        before the field existed) takes its ``configs/base.py`` default: the one place of the defaults."""
+        defaults = _base_defaults()
+        field = lambda block, name: (config.get(block) or {}).get(name, defaults[block][name])  # noqa: E731
+        return cls(batch_size=int(field("train", "batch_size")), num_steps=int(field("train", "num_steps")),
+                   num_replicas=int(field("train", "num_replicas")), num_boot=int(field("sde", "num_boot")),
+                   workdir=str(workdir or config.get("workdir", "")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +92,8 @@ class Context:
         (or already its `sme.analyses.common.Settings` dataclass).
       run_config: the run's full config as a plain dict (read-only, for the record).
       workdir: the run's directory (for analyses that read other run artifacts).
+      run: the typed run fields analyses read (`RunInfo`); built from ``run_config`` and ``workdir``
+        when not given.
     """
 
     model: Model
@@ -70,6 +108,11 @@ class Context:
     settings: dict
     run_config: dict
     workdir: str = ""
+    run: RunInfo | None = None
+
+    def __post_init__(self):
+        if self.run is None:
+            object.__setattr__(self, "run", RunInfo.from_config(self.run_config or {}, self.workdir))
 
 
 AnalysisFn = Callable[..., dict]

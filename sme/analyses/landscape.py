@@ -285,7 +285,7 @@ def flatness(ctx: Context, *, key) -> dict:
                          "gradients are identical; use noise='minibatch'")
     x, y = train_subset(ctx, s["num_examples"])
     if s["noise"] != "dropout":
-        run_batch = int(ctx.run_config.get("train", {}).get("batch_size", 0))
+        run_batch = ctx.run.batch_size
         s = dataclasses.replace(s, batch_size=s["batch_size"] or run_batch)
         if not 1 <= s["batch_size"] < x.shape[0]:
             raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {x.shape[0]} "
@@ -297,7 +297,7 @@ def flatness(ctx: Context, *, key) -> dict:
 
 
 def _workdir(ctx: Context):
-    return getattr(ctx, "workdir", None) or (ctx.run_config or {}).get("workdir")
+    return ctx.run.workdir or None
 
 
 def load_snapshots(path: str, *, replica: int = 0) -> np.ndarray:

@@ -128,7 +128,7 @@ def _subset(key, n: int, size: int, what: str) -> np.ndarray:
 
 
 def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
-    b = setting if setting >= 0 else int(ctx.run_config.get("train", {}).get("batch_size", 0))
+    b = setting if setting >= 0 else ctx.run.batch_size
     return n if b == 0 else min(b, n)
 
 

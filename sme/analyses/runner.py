@@ -45,7 +45,7 @@ from ml_collections import ConfigDict
 
 from sme import config as config_lib
 from sme import distributed, io, rng, runs
-from sme.analyses import Context, as_numpy, check_settings, load_all
+from sme.analyses import Context, RunInfo, as_numpy, check_settings, load_all
 from sme.train.state import init_state
 from sme.train.state import replica as take_replica
 
@@ -117,13 +117,12 @@ def check_request(request: Request) -> None:
 
 
 def load_run(workdir: str):
-    """The run's config (ConfigDict), setup (data, model, ...) and the state layout."""
-    cfg = read_config(workdir)
-    setup = config_lib.build(cfg)
-    like = jax.eval_shape(lambda: init_state(
-        setup.model, setup.optimizer, seed=cfg.seed, num_replicas=cfg.train.num_replicas,
-        share_init=cfg.train.share_init, dtype=np.dtype(cfg.train.dtype)))
-    return cfg, setup, like
+    """The run (`sme.config.Run`: data, model, ... rebuilt from its config.json) and its state layout."""
+    run = config_lib.build(read_config(workdir))
+    t = run.train
+    like = jax.eval_shape(lambda: init_state(run.model, run.optimizer, seed=run.seed, num_replicas=t.num_replicas,
+                                             share_init=t.share_init, dtype=np.dtype(t.dtype)))
+    return run, like
 
 
 def select_steps(available: list[int], spec: str, workdir: str) -> list[int]:
@@ -237,8 +236,7 @@ def analyse_run(workdir: str, request: Request) -> dict:
       RunError: the workdir is in use by another writer, or not writable.
     """
     check_request(request)
-    cfg = read_config(workdir)
-    replicas = _replicas(request, cfg.train.num_replicas)
+    replicas = _replicas(request, RunInfo.from_config(read_config(workdir).to_dict()).num_replicas)
     checkpoints = dict(io.list_checkpoints(workdir))
     steps = select_steps(sorted(checkpoints), request.steps, workdir)
     runs.check_workdir(workdir)
@@ -273,7 +271,8 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
                       {"analysis": name, "settings": request.settings.get(name, {}), "digest": digests[name]},
                       digest=True)
     batch_size = request.batch_size or auto_batch_size()
-    cfg, setup, like = load_run(workdir)
+    run, like = load_run(workdir)
+    info = RunInfo.from_config(run.config, workdir)
 
     def reusable(label, step) -> bool:
         """A verified artifact with the requested settings exists (its scalars go to the summary)."""
@@ -314,16 +313,16 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
             for r in replicas:
                 params[step, r] = jax.tree_util.tree_map(jax.numpy.asarray, take_replica(state.params, r))
         for name, items in todo.items():
-            ctxs = [Context(model=setup.model, dataset=setup.dataset, loss=cfg.loss, mask_mode=cfg.mask_mode,
-                            lr=float(cfg.optim.lr), params=params[step, r], step=step, seed=cfg.seed, replica=r,
-                            settings=dict(request.settings.get(name, {})), run_config=cfg.to_dict(),
-                            workdir=workdir)
+            ctxs = [Context(model=run.model, dataset=run.dataset, loss=run.loss, mask_mode=run.mask_mode,
+                            lr=run.lr, params=params[step, r], step=step, seed=run.seed, replica=r,
+                            settings=dict(request.settings.get(name, {})), run_config=run.config,
+                            workdir=workdir, run=info)
                     for step, r in items if (step, r) in params]
             size = group if registry[name].batch_fn is not None else 1
             progress[name].total -= len(items) - len(ctxs)  # items of unreadable checkpoints are not done
             for i in range(0, len(ctxs), size):
                 tic = time.time()
-                done = _analyse(registry[name], ctxs[i:i + size], cfg.seed, size)
+                done = _analyse(registry[name], ctxs[i:i + size], run.seed, size)
                 progress[name].update(len(done), time.time() - tic,
                                       f" (step {', '.join(str(ctx.step) for ctx, _ in done)})")
                 for ctx, result in done:

@@ -127,7 +127,7 @@ def weak_error_analysis(ctx: Context, *, key) -> dict:
     """Weak error of the SME variants and ODE controls against dropout GD at fixed times, with orders."""
     del key  # deterministic: the joint bootstrap draws are seeded
     s = WeakErrorSettings.from_dict("weak_error", ctx.settings)
-    num_boot = s["num_boot"] or int(ctx.run_config.get("sde", {}).get("num_boot", 1000))
+    num_boot = s["num_boot"] or ctx.run.num_boot
     out = compute(ctx.workdir, num_boot=num_boot, level=s["level"], times=s["times"], fit_lr_min=s["fit_lr_min"],
                   fit_lr_max=s["fit_lr_max"])
     out["plot_functions"] = np.array(s["plot_functions"])
