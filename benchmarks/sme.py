@@ -60,17 +60,19 @@ def step_costs(problem, model, *, steps: int, repeats: int, variants, replicas: 
     params = model.init(rng.stream_key(0, rng.INIT))
     lr = 0.05
     gd_one = lambda q, k: sde.dropout_gd_step(
-        problem, q, lockstep._discrete_masks(lockstep.LockstepSpec(), problem, k, 0)[0], lr=lr)
+        problem, q, lockstep._discrete_masks(lockstep.LockstepSpec(), problem, k, rng.stream_key(0, rng.DROPOUT))[0],
+        lr=lr)
 
-    def discrete(p, r):
+    def discrete(p, key):
         def body(k, q):
-            masks = lockstep._discrete_masks(lockstep.LockstepSpec(), problem, k, r)[0]
+            masks = lockstep._discrete_masks(lockstep.LockstepSpec(), problem, k, key)[0]
             return sde.dropout_gd_step(problem, q, masks, lr=lr)
         return jax.lax.fori_loop(0, steps, body, p)
 
     rs = jnp.arange(replicas)
+    dropout_keys = rng.replica_keys(0, rng.DROPOUT, replicas)  # the replicas' DROPOUT stream keys
     batched = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (replicas, *a.shape)), params)
-    base = median_seconds(jax.jit(jax.vmap(discrete)), batched, rs, repeats=repeats) / steps / replicas
+    base = median_seconds(jax.jit(jax.vmap(discrete)), batched, dropout_keys, repeats=repeats) / steps / replicas
     rows = [("dropout GD step", base, flop_count(gd_one, params, 0))]
     for label, drift, diff, est in variants:
         sme_v = sde.make_sme(problem, drift=drift, diffusion=diff, estimator=est, lr=lr, num_masks=num_masks)

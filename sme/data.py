@@ -104,6 +104,8 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _rng(spec: DataSpec) -> np.random.Generator:
+    """The synthetic datasets' generator: NumPy seeded by (seed, crc32(name)), outside the JAX key
+    streams of `sme.rng` (which never had a dataset stream in use; its id 5 stays retired)."""
     return np.random.default_rng([spec.seed, zlib.crc32(spec.name.encode())])
 
 
@@ -377,7 +379,8 @@ def batch_from_permutation(perm: jax.Array, step, *, batch_size: int) -> jax.Arr
 def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -> jax.Array:
     """Indices of the minibatch at `step`: epochs of sampling without replacement.
 
-    Epoch e = step // (n // B) is a fresh permutation drawn from ``fold_in(key, e)``;
+    ``key`` is the replica's DATA stream key (`sme.rng.replica_keys`). Epoch
+    e = step // (n // B) is a fresh permutation drawn from ``fold_in(key, e)``;
     the step takes its (step mod n//B)-th block of B. A pure function of
     (key, step), so resuming at any step needs no saved sampler state. The last
     n mod B examples of each epoch's permutation are skipped (drop-last).

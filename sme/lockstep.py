@@ -3,7 +3,7 @@
 Processes (all start from the same theta_0; replica r of every process is one sample path):
 
 * ``discrete``: full-batch dropout GD theta_{N+1} = theta_N - eps grad R^drop_S(theta_N; eta_N) with the
-  training loop's masks, key(seed, DROPOUT, N, replica r) (`sme.train.step`);
+  training loop's masks: `sme.train.step.step_masks` of replica r's DROPOUT stream key at step N;
 * ``order1``, ``order2``, ``r2``: Euler-Maruyama of the SME (`sme.sde`), l substeps of h = eps/l per
   discrete step, so SDE time t = N eps is in lockstep with step N. With ``richardson`` each runs on two
   nested grids, h = eps/(2l) (path ``v``) and eps/l (path ``v/coarse``, fed the pairwise sums of the
@@ -27,6 +27,10 @@ Common random numbers (``coupling``):
   correlated with the discrete noise (per unit ~0.6-0.8). The residual noise (mask interactions)
   and SVAG stay independent. Needs the ``exact`` or ``closed_form`` diffusion.
 
+Keys: `make_advance` computes the replicas' stream keys (`LockstepKeys`: DROPOUT and SDE, `sme.rng`)
+from ``spec.seed`` once per call, outside its loop, and passes them to the replica step as values;
+the step folds in the step number (and the substep and noise tag) only.
+
 `replica_step` is the one-replica step, vmapped once over the replica axis in `make_advance`
 (``layout='replica'``, the default). ``layout='batched'`` runs the same processes for the E1 class
 of problems with one random draw per block of replicas and fixed-size chunks
@@ -43,10 +47,9 @@ import jax.numpy as jnp
 
 from sme import lockstep_batched, losses, rng, sde
 from sme.lockstep_state import ODE_DRIFTS, SHARED_TAG, TAGS, Lockstep  # noqa: F401  (re-exported)
-from sme.diffusion import (MAX_ENUMERATED_UNITS, Problem, check_diffusion, coupled_normals, masks_from_uniforms,
-                           num_units, unit_uniforms)
-from sme.dropout import sample_masks
+from sme.diffusion import MAX_ENUMERATED_UNITS, Problem, check_diffusion, coupled_normals, num_units
 from sme.models import batch_apply
+from sme.train.step import step_masks
 
 # The no-diffusion controls: the ODE with the order-1 or order-2 drift (Sigma = 0).
 EM_VARIANTS = (*sde.DRIFTS, *ODE_DRIFTS)  # order1, order2, r2, ode1, ode2
@@ -109,6 +112,23 @@ def check_spec(spec: LockstepSpec, problem: Problem, *, max_units: int = MAX_ENU
         lockstep_batched.check_batched(spec, problem)
 
 
+class LockstepKeys(NamedTuple):
+    """The stream keys of the processes of R replicas ((R,) key arrays; one key each inside `replica_step`).
+
+    Attributes:
+      dropout: K(seed, DROPOUT, r): the discrete process's masks, the training loop's (`step_masks`).
+      sde: K(seed, SDE, r): Brownian increments, diffusion masks and SVAG masks (`sme.sde.substep_key`).
+    """
+
+    dropout: jax.Array
+    sde: jax.Array
+
+
+def lockstep_keys(seed: int, num_replicas: int) -> LockstepKeys:
+    """The stream keys of replicas 0..R-1 (recomputed from the seed; nothing is saved)."""
+    return LockstepKeys(rng.replica_keys(seed, rng.DROPOUT, num_replicas), rng.replica_keys(seed, rng.SDE, num_replicas))
+
+
 def path_names(spec: LockstepSpec) -> tuple[str, ...]:
     names = ["discrete"]
     for v in spec.variants:
@@ -125,22 +145,23 @@ def init_lockstep(params0, spec: LockstepSpec, num_replicas: int) -> Lockstep:
     return Lockstep(jnp.asarray(0, jnp.int32), paths)
 
 
-def _discrete_masks(spec: LockstepSpec, problem: Problem, step, replica):
-    """The discrete step's masks and, under quantile coupling, the unit normals zeta (G, m) tied to them."""
+def _discrete_masks(spec: LockstepSpec, problem: Problem, step, key):
+    """The discrete step's masks (``key``: the replica's DROPOUT stream key) and, under quantile coupling,
+    the unit normals zeta (G, m) tied to them."""
     sites, dtype = problem.model.sites, problem.x.dtype
-    key = rng.step_key(spec.seed, rng.DROPOUT, step, replica=replica)
     shape = () if problem.mode == "shared" else (problem.num_examples,)
     if spec.coupling != "quantile":
-        return sample_masks(sites, key=key, batch_shape=shape, dtype=dtype), None
-    u = unit_uniforms(sites, key=key, batch_shape=shape)
+        return step_masks(sites, key, step, batch_shape=shape, dtype=dtype), None
+    masks, u = step_masks(sites, key, step, batch_shape=shape, dtype=dtype, uniforms=True)
     zeta = coupled_normals(u).reshape(problem.num_groups, -1).astype(dtype)
-    return masks_from_uniforms(sites, u, dtype=dtype), zeta
+    return masks, zeta
 
 
-def _em_noises(spec: LockstepSpec, sme_v: sde.SDE, step, replica, tag, zeta):
-    """Noises of the fine grid (leading axis 2l or l) and, with Richardson, of the coarse grid."""
+def _em_noises(spec: LockstepSpec, sme_v: sde.SDE, step, key, tag, zeta):
+    """Noises of the fine grid (leading axis 2l or l) and, with Richardson, of the coarse grid
+    (``key``: the replica's SDE stream key)."""
     fine = spec.fine_substeps
-    draw = lambda j: sme_v.sample_noise(sde.substep_key(spec.seed, step, j, replica=replica, tag=tag))
+    draw = lambda j: sme_v.sample_noise(sde.substep_key(key, step, j, tag=tag))
     noises = jax.vmap(draw)(jnp.arange(fine))
     if zeta is not None:
         noises = {**noises, "zeta": sde.bridge(zeta, noises["zeta"])}
@@ -163,23 +184,24 @@ def make_process(spec: LockstepSpec, problem: Problem, variant: str, lr) -> sde.
                         num_masks=spec.num_masks, trace=spec.trace)
 
 
-def replica_step(spec: LockstepSpec, paths: dict, step, replica, lr, problem: Problem) -> dict:
-    """One discrete step N -> N + 1 of every process of one replica. Cost: one gradient (discrete),
-    l (or 3l with Richardson) SME substeps per EM variant, 2 l_svag gradients for SVAG."""
-    masks, zeta = _discrete_masks(spec, problem, step, replica)
+def replica_step(spec: LockstepSpec, paths: dict, step, keys: LockstepKeys, lr, problem: Problem) -> dict:
+    """One discrete step N -> N + 1 of every process of one replica, whose stream keys are ``keys``.
+    Cost: one gradient (discrete), l (or 3l with Richardson) SME substeps per EM variant, 2 l_svag
+    gradients for SVAG."""
+    masks, zeta = _discrete_masks(spec, problem, step, keys.dropout)
     new = {"discrete": sde.dropout_gd_step(problem, paths["discrete"], masks, lr=lr)}
     cache = {}
     for v in spec.em_variants:
         sme_v = make_process(spec, problem, v, lr)
         tag = TAGS[v] if spec.coupling == "none" else SHARED_TAG
         if tag not in cache:
-            cache[tag] = _em_noises(spec, sme_v, step, replica, tag, zeta)
+            cache[tag] = _em_noises(spec, sme_v, step, keys.sde, tag, zeta)
         fine, coarse = cache[tag]
         new[v] = sde.em_scan(sme_v, paths[v], fine, h=lr / spec.fine_substeps)
         if spec.richardson:
             new[v + "/coarse"] = sde.em_scan(sme_v, paths[v + "/coarse"], coarse, h=lr / spec.substeps)
     if "svag" in spec.variants:
-        key = sde.substep_key(spec.seed, step, 0, replica=replica, tag=TAGS["svag"])
+        key = sde.substep_key(keys.sde, step, 0, tag=TAGS["svag"])
         new["svag"] = sde.svag_step(problem, paths["svag"], key=key, lr=lr, substeps=spec.svag_substeps)
     return new
 
@@ -190,15 +212,15 @@ def make_advance(spec: LockstepSpec):
     ``layout='batched'``: `sme.lockstep_batched.make_advance` (replica vectors, block draws, chunks)."""
     if spec.layout == "batched":
         return lockstep_batched.make_advance(spec)
-    batched = jax.vmap(lambda paths, step, r, lr, prob: replica_step(spec, paths, step, r, lr, prob),
+    batched = jax.vmap(lambda paths, step, keys, lr, prob: replica_step(spec, paths, step, keys, lr, prob),
                        in_axes=(0, None, 0, None, None))
 
     def advance(state: Lockstep, num_steps, lr, problem: Problem) -> Lockstep:
         num_replicas = jax.tree_util.tree_leaves(state.paths)[0].shape[0]
-        replicas = jnp.arange(num_replicas)
+        keys = lockstep_keys(spec.seed, num_replicas)  # once per call, outside the loop
 
         def body(_, s):
-            return Lockstep(s.step + 1, batched(s.paths, s.step, replicas, lr, problem))
+            return Lockstep(s.step + 1, batched(s.paths, s.step, keys, lr, problem))
 
         return jax.lax.fori_loop(0, num_steps, body, state)
 

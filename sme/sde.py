@@ -24,8 +24,9 @@ size eps/l with g = c+ g(eta^1) + c- g(eta^2), c+- = (1 +- sqrt(2l - 1))/2: mean
 l Sigma; it tends weakly to the order-1 SME as l -> infinity without ever forming Sigma.
 
 Every function is pure in (state, noise) or (state, key); iterations are `lax.scan`. Brownian
-increments at discrete step N, substep j come from `substep_key(seed, N, j, replica=r, tag=...)`,
-a function of (seed, SDE stream, N, j, replica) only.
+increments at discrete step N, substep j come from `substep_key(key, N, j, tag=...)`, where ``key``
+is replica r's SDE stream key K(seed, SDE, r) (`sme.rng`): a function of (seed, SDE stream, N, j,
+replica) only.
 """
 
 from __future__ import annotations
@@ -124,11 +125,11 @@ def bridge(total: jax.Array, xis: jax.Array) -> jax.Array:
     return total[None] / jnp.sqrt(jnp.asarray(num, xis.dtype)) + xis - jnp.mean(xis, axis=0, keepdims=True)
 
 
-def substep_key(seed: int, step, substep, *, replica=0, tag: int = 0) -> jax.Array:
-    """Key of the Brownian increment at discrete step N, substep j (SDE stream; ``tag`` separates
-    processes that must not share noise)."""
-    key = jax.random.fold_in(rng.step_key(seed, rng.SDE, step, replica=replica), tag)
-    return jax.random.fold_in(key, substep)
+def substep_key(key: jax.Array, step, substep, *, tag: int = 0) -> jax.Array:
+    """Key of the Brownian increment at discrete step N, substep j: fold_in(fold_in(fold_in(key, N), tag), j)
+    with ``key`` one replica's SDE stream key (`sme.rng.replica_keys`; step and substep may be traced;
+    ``tag`` separates processes that must not share noise)."""
+    return jax.random.fold_in(jax.random.fold_in(rng.at_step(key, step), tag), substep)
 
 
 # --- The dropout SME ----------------------------------------------------------------------------

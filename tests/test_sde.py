@@ -8,7 +8,7 @@ import scipy.linalg
 import scipy.stats
 from jax.flatten_util import ravel_pytree
 
-from sme import covariance, diffusion, dropout, losses, models, sde, testing
+from sme import covariance, diffusion, dropout, losses, models, rng, sde, testing
 
 
 def _net(keep_prob=0.7, mode="shared", arch="two_layer", n=5):
@@ -40,14 +40,16 @@ def _noise_jacobian(fn, noise):
 
 
 def test_brownian_increments_pass_ks_and_are_reproducible_from_key_and_step():
-    draw = jax.jit(jax.vmap(lambda step: jax.random.normal(sde.substep_key(0, step, 2, replica=5), (4,))))
+    sde_key = rng.stream_key(0, rng.SDE, replica=5)
+    draw = jax.jit(jax.vmap(lambda step: jax.random.normal(sde.substep_key(sde_key, step, 2), (4,))))
     z = np.asarray(draw(jnp.arange(5000))).ravel()
     # The keys are fixed, so this p-value is a constant of the code: no flakiness. A broken stream
     # (repeated keys, wrong scale) gives p < 1e-10 at 20,000 draws.
     assert scipy.stats.kstest(z, "norm").pvalue > 0.01
     again = np.asarray(draw(jnp.arange(5000))).ravel()
     np.testing.assert_array_equal(z, again)
-    key = lambda *a, **k: np.asarray(jax.random.key_data(sde.substep_key(*a, **k)))
+    key = lambda seed, step, j, replica=0, tag=0: np.asarray(jax.random.key_data(  # noqa: E731
+        sde.substep_key(rng.stream_key(seed, rng.SDE, replica=replica), step, j, tag=tag)))
     assert np.array_equal(key(0, 3, 1, replica=2, tag=0), key(0, 3, 1, replica=2, tag=0))
     distinct = {key(0, 3, 1, replica=2).tobytes(), key(0, 4, 1, replica=2).tobytes(), key(0, 3, 2, replica=2).tobytes(),
                 key(0, 3, 1, replica=3).tobytes(), key(0, 3, 1, replica=2, tag=1).tobytes(),
