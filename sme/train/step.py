@@ -12,7 +12,7 @@ the jitted step receives them as traced arguments and folds in N only (the seed 
 never a constant of the compiled step). Every key is a function of (seed, replica,
 stream, N) only, so a run is the same whether it is executed in one chunk or many,
 and resuming needs no RNG state. Replicas are a leading axis added by `jax.vmap` in
-`make_train_step`. `step_masks` is THE rule for the masks of step N: the lockstep
+`make_train_step`. `step_masks` is the one rule for the masks of step N: the lockstep
 discrete process (`sme.lockstep`) draws its masks with it too.
 
 Minibatch order: an epoch's permutation of n examples costs far more than a small
