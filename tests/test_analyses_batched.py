@@ -65,15 +65,14 @@ def test_batch_fn_equals_one_at_a_time(name, settings, mask_mode):
     ("alignment", dict(num_masks=4, top_k=3, sgd_examples=6, num_boot=50, dense_max_params=1, lanczos_order=12,
                        num_probes=4, max_enumerated_units=0, hessian_masks=3), "cross_entropy"),
 ])
-def test_noise_batch_fn_equals_one_at_a_time(name, settings, loss):
+def test_noise_batch_fn_equals_one_at_a_time(name, settings, loss, x64):
 
-    with jax.enable_x64(True):
-        ctxs = [noise_context(loss=loss, settings=settings, step=s, params_seed=s + 1) for s in range(3)]
-        keys = [jax.random.key(20 + s) for s in range(3)]
-        batched = REGISTRY[name].batch_fn(ctxs, keys=keys)
-        assert len(batched) == 3
-        for i, (ctx, key) in enumerate(zip(ctxs, keys)):
-            assert_same_results(REGISTRY[name].fn(ctx, key=key), batched[i], err=f"{name} item {i}")
+    ctxs = [noise_context(loss=loss, settings=settings, step=s, params_seed=s + 1) for s in range(3)]
+    keys = [jax.random.key(20 + s) for s in range(3)]
+    batched = REGISTRY[name].batch_fn(ctxs, keys=keys)
+    assert len(batched) == 3
+    for i, (ctx, key) in enumerate(zip(ctxs, keys)):
+        assert_same_results(REGISTRY[name].fn(ctx, key=key), batched[i], err=f"{name} item {i}")
 
 
 def test_batch_fn_rejects_contexts_of_different_settings():

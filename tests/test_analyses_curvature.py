@@ -47,14 +47,13 @@ def _plot(tmp_path, name, out, step=7):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_hessian_analysis_matches_dense_eigh_and_traces(tmp_path):
-    with jax.enable_x64(True):
-        ctx = _context(dtype=jnp.float64)
-        out = cu.hessian(ctx, key=jax.random.key(1))
-        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
-        dense = _dense(lambda p: losses.modified_loss(ctx.model, "mse", p, x, y), ctx.params)
-        exact = np.linalg.eigvalsh(dense)
-        value = float(losses.modified_loss(ctx.model, "mse", ctx.params, x, y))
+def test_hessian_analysis_matches_dense_eigh_and_traces(tmp_path, x64):
+    ctx = _context(dtype=jnp.float64)
+    out = cu.hessian(ctx, key=jax.random.key(1))
+    x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+    dense = _dense(lambda p: losses.modified_loss(ctx.model, "mse", p, x, y), ctx.params)
+    exact = np.linalg.eigvalsh(dense)
+    value = float(losses.modified_loss(ctx.model, "mse", ctx.params, x, y))
     assert str(out["loss_kind"]) == "modified" and "closed form" in str(out["loss_label"])
     assert int(out["num_params"]) == 32 and int(out["order"]) == 32 and int(out["num_examples"]) == 20
     np.testing.assert_allclose(out["top_values"], exact[::-1][:10], atol=1e-9)
@@ -69,27 +68,25 @@ def test_hessian_analysis_matches_dense_eigh_and_traces(tmp_path):
     _plot(tmp_path, "hessian", out)
 
 
-def test_hessian_analysis_monte_carlo_per_sample_uses_the_documented_masks():
+def test_hessian_analysis_monte_carlo_per_sample_uses_the_documented_masks(x64):
     settings = dict(loss_kind="modified_mc", num_masks=3, top_k=3, bottom_k=0, num_probes=2, hutchpp_sketch=0)
-    with jax.enable_x64(True):
-        ctx = _context(dtype=jnp.float64, mask_mode="per_sample", settings=settings)
-        key = jax.random.key(4)
-        out = cu.hessian(ctx, key=key)
-        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
-        masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 0), batch_shape=(3, 20), dtype=jnp.float64)
-        dense = _dense(lambda p: losses.modified_loss_mc(ctx.model, "mse", p, x, y, masks, mode="per_sample"),
-                       ctx.params)
+    ctx = _context(dtype=jnp.float64, mask_mode="per_sample", settings=settings)
+    key = jax.random.key(4)
+    out = cu.hessian(ctx, key=key)
+    x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+    masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 0), batch_shape=(3, 20), dtype=jnp.float64)
+    dense = _dense(lambda p: losses.modified_loss_mc(ctx.model, "mse", p, x, y, masks, mode="per_sample"),
+                   ctx.params)
     assert str(out["loss_kind"]) == "modified_mc"
     np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], atol=1e-9)
     assert out["bottom_values"].shape == (0,) and np.isnan(out["trace_hutchpp"])
 
 
-def test_density_analysis_integrates_to_one_and_estimates_the_trace(tmp_path):
-    with jax.enable_x64(True):
-        ctx = _context(dtype=jnp.float64, settings=dict(num_probes=6))
-        out = cu.hessian_density(ctx, key=jax.random.key(2))
-        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
-        exact = np.linalg.eigvalsh(_dense(lambda p: losses.modified_loss(ctx.model, "mse", p, x, y), ctx.params))
+def test_density_analysis_integrates_to_one_and_estimates_the_trace(tmp_path, x64):
+    ctx = _context(dtype=jnp.float64, settings=dict(num_probes=6))
+    out = cu.hessian_density(ctx, key=jax.random.key(2))
+    x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+    exact = np.linalg.eigvalsh(_dense(lambda p: losses.modified_loss(ctx.model, "mse", p, x, y), ctx.params))
     assert out["nodes"].shape == out["weights"].shape == (6, 32)
     np.testing.assert_allclose(out["weights"].sum(1), 1.0, atol=1e-12)
     # order = P: every probe's nodes are H's eigenvalues (the Krylov space is the whole space)
@@ -102,20 +99,19 @@ def test_density_analysis_integrates_to_one_and_estimates_the_trace(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_fisher_analysis_matches_dense_definitions(loss, tmp_path):
-    with jax.enable_x64(True):
-        ctx = _context(dtype=jnp.float64, loss=loss)
-        out = cu.fisher(ctx, key=jax.random.key(3))
-        x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
-        flat, unravel = ravel_pytree(ctx.params)
-        ones = tuple(jnp.ones(s.shape, jnp.float64) for s in ctx.model.sites)
-        f = lambda q, xi: ctx.model.apply(unravel(q), xi, ones)
-        loss_of = losses.loss_fn(loss)
-        grads, jac, hess_out = jax.jit(lambda q: (
-            jax.vmap(lambda xi, yi: jax.grad(lambda r: loss_of(f(r, xi), yi))(q))(x, y),
-            jax.vmap(lambda xi: jax.jacobian(f)(q, xi))(x),
-            jax.vmap(lambda xi, yi: jax.hessian(lambda o: loss_of(o, yi))(f(q, xi)))(x, y)))(flat)
-        r1 = float(losses.r1(ctx.model, ctx.params, x))
+def test_fisher_analysis_matches_dense_definitions(loss, tmp_path, x64):
+    ctx = _context(dtype=jnp.float64, loss=loss)
+    out = cu.fisher(ctx, key=jax.random.key(3))
+    x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
+    flat, unravel = ravel_pytree(ctx.params)
+    ones = tuple(jnp.ones(s.shape, jnp.float64) for s in ctx.model.sites)
+    f = lambda q, xi: ctx.model.apply(unravel(q), xi, ones)
+    loss_of = losses.loss_fn(loss)
+    grads, jac, hess_out = jax.jit(lambda q: (
+        jax.vmap(lambda xi, yi: jax.grad(lambda r: loss_of(f(r, xi), yi))(q))(x, y),
+        jax.vmap(lambda xi: jax.jacobian(f)(q, xi))(x),
+        jax.vmap(lambda xi, yi: jax.hessian(lambda o: loss_of(o, yi))(f(q, xi)))(x, y)))(flat)
+    r1 = float(losses.r1(ctx.model, ctx.params, x))
     n = x.shape[0]
     matrices = {"empirical_fisher": np.asarray(grads).T @ np.asarray(grads) / n,
                 "ggn": np.einsum("iap,iab,ibq->pq", jac, hess_out, jac) / n}
@@ -162,29 +158,28 @@ def test_bad_settings_are_named():
         cu.hessian(ctx(loss="cross_entropy", settings=dict(loss_kind="modified")), key=jax.random.key(0))
 
 
-def test_hessian_modified_measures_a_net_without_dropout_on_its_dropout_twins_loss():
-    with jax.enable_x64(True):
-        # trained "without dropout" (keep_prob 1); L_S at q = 0.6 on its hidden layer, enumerated (5 units)
-        settings = dict(keep_prob=0.6, loss_kind="modified_exact", order=32, top_k=3, bottom_k=1, num_probes=4,
-                        hutchpp_sketch=0)
-        ctx = _context(loss="cross_entropy", keep_prob=1.0, dtype=jnp.float64, settings=settings)
-        out = REGISTRY["hessian_modified"].fn(ctx, key=jax.random.key(0))
-        x, y = jnp.asarray(ctx.dataset.x_train, jnp.float64), jnp.asarray(ctx.dataset.y_train, jnp.float64)
-        twin = _model(0.6)
-        dense = _dense(lambda p: losses.modified_loss_exact(twin, "cross_entropy", p, x, y), ctx.params)
-        np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
-        assert float(out["loss_keep_prob"]) == 0.6 and str(out["loss_kind"]) == "modified_exact"
-        # the same net's R_S Hessian differs: the loss really changed
-        plain = _dense(lambda p: losses.risk(ctx.model, "cross_entropy", p, x, y), ctx.params)
-        assert abs(np.linalg.eigvalsh(plain)[-1] - float(out["top_values"][0])) > 1e-3
-        # without keep_prob the run has no dropout and hessian_modified refuses, naming the fix
-        with pytest.raises(ValueError, match="keep_prob"):
-            REGISTRY["hessian_modified"].fn(_context(keep_prob=1.0, settings=dict(order=8)), key=jax.random.key(0))
-        with pytest.raises(ValueError, match="keep_prob"):
-            REGISTRY["hessian"].fn(_context(settings=dict(keep_prob=1.5)), key=jax.random.key(0))
+def test_hessian_modified_measures_a_net_without_dropout_on_its_dropout_twins_loss(x64):
+    # trained "without dropout" (keep_prob 1); L_S at q = 0.6 on its hidden layer, enumerated (5 units)
+    settings = dict(keep_prob=0.6, loss_kind="modified_exact", order=32, top_k=3, bottom_k=1, num_probes=4,
+                    hutchpp_sketch=0)
+    ctx = _context(loss="cross_entropy", keep_prob=1.0, dtype=jnp.float64, settings=settings)
+    out = REGISTRY["hessian_modified"].fn(ctx, key=jax.random.key(0))
+    x, y = jnp.asarray(ctx.dataset.x_train, jnp.float64), jnp.asarray(ctx.dataset.y_train, jnp.float64)
+    twin = _model(0.6)
+    dense = _dense(lambda p: losses.modified_loss_exact(twin, "cross_entropy", p, x, y), ctx.params)
+    np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
+    assert float(out["loss_keep_prob"]) == 0.6 and str(out["loss_kind"]) == "modified_exact"
+    # the same net's R_S Hessian differs: the loss really changed
+    plain = _dense(lambda p: losses.risk(ctx.model, "cross_entropy", p, x, y), ctx.params)
+    assert abs(np.linalg.eigvalsh(plain)[-1] - float(out["top_values"][0])) > 1e-3
+    # without keep_prob the run has no dropout and hessian_modified refuses, naming the fix
+    with pytest.raises(ValueError, match="keep_prob"):
+        REGISTRY["hessian_modified"].fn(_context(keep_prob=1.0, settings=dict(order=8)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="keep_prob"):
+        REGISTRY["hessian"].fn(_context(settings=dict(keep_prob=1.5)), key=jax.random.key(0))
 
 
-def test_curvature_uses_the_runs_per_site_keep_probs_and_refuses_an_ambiguous_override():
+def test_curvature_uses_the_runs_per_site_keep_probs_and_refuses_an_ambiguous_override(x64):
     from configs import base
     from sme import config as config_lib
 
@@ -194,25 +189,24 @@ def test_curvature_uses_the_runs_per_site_keep_probs_and_refuses_an_ambiguous_ov
     ctx = _context(loss="cross_entropy", dtype=jnp.float64)
     model = config_lib.build_model(cfg, ctx.dataset)
     assert [s.keep_prob for s in model.sites] == [0.8, 0.5]
-    with jax.enable_x64(True):
-        params = model.init(jax.random.key(3), jnp.float64)
-        # 7 droppable units: L_S enumerated over 128 masks; P = 39 <= order, so Ritz values are exact
-        settings = dict(loss_kind="modified_exact", order=39, top_k=3, bottom_k=0, num_probes=2, hutchpp_sketch=0)
-        ctx = _context(loss="cross_entropy", dtype=jnp.float64, model=model, params=params, settings=settings)
-        out = REGISTRY["hessian"].fn(ctx, key=jax.random.key(0))
-        x, y = jnp.asarray(ctx.dataset.x_train, jnp.float64), jnp.asarray(ctx.dataset.y_train, jnp.float64)
-        dense = _dense(lambda p: losses.modified_loss_exact(model, "cross_entropy", p, x, y), params)
-        np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
-        np.testing.assert_array_equal(out["loss_site_keep_probs"], [0.8, 0.5])
-        assert np.isnan(float(out["loss_keep_prob"]))  # no single keep probability
-        # the uniform model.keep_prob would be another loss
-        uniform = make_model("mlp", in_dim=3, hidden=(4, 3), out_dim=2, activation="tanh", keep_prob=0.9)
-        other = _dense(lambda p: losses.modified_loss_exact(uniform, "cross_entropy", p, x, y), params)
-        assert abs(np.linalg.eigvalsh(other)[-1] - float(out["top_values"][0])) > 1e-3
-        # one q for layers of different keep probabilities: refused, naming them
-        for name in ("hessian", "hessian_modified", "hessian_density"):
-            bad = _context(loss="cross_entropy", dtype=jnp.float64, model=model, params=params,
-                           settings=dict(keep_prob=0.8, order=8, top_k=1) if name != "hessian_density"
-                           else dict(keep_prob=0.8, order=8))
-            with pytest.raises(ValueError, match=r"keep_prob=0.8 is ambiguous.*0:0.8, 1:0.5"):
-                REGISTRY[name].fn(bad, key=jax.random.key(0))
+    params = model.init(jax.random.key(3), jnp.float64)
+    # 7 droppable units: L_S enumerated over 128 masks; P = 39 <= order, so Ritz values are exact
+    settings = dict(loss_kind="modified_exact", order=39, top_k=3, bottom_k=0, num_probes=2, hutchpp_sketch=0)
+    ctx = _context(loss="cross_entropy", dtype=jnp.float64, model=model, params=params, settings=settings)
+    out = REGISTRY["hessian"].fn(ctx, key=jax.random.key(0))
+    x, y = jnp.asarray(ctx.dataset.x_train, jnp.float64), jnp.asarray(ctx.dataset.y_train, jnp.float64)
+    dense = _dense(lambda p: losses.modified_loss_exact(model, "cross_entropy", p, x, y), params)
+    np.testing.assert_allclose(out["top_values"], np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
+    np.testing.assert_array_equal(out["loss_site_keep_probs"], [0.8, 0.5])
+    assert np.isnan(float(out["loss_keep_prob"]))  # no single keep probability
+    # the uniform model.keep_prob would be another loss
+    uniform = make_model("mlp", in_dim=3, hidden=(4, 3), out_dim=2, activation="tanh", keep_prob=0.9)
+    other = _dense(lambda p: losses.modified_loss_exact(uniform, "cross_entropy", p, x, y), params)
+    assert abs(np.linalg.eigvalsh(other)[-1] - float(out["top_values"][0])) > 1e-3
+    # one q for layers of different keep probabilities: refused, naming them
+    for name in ("hessian", "hessian_modified", "hessian_density"):
+        bad = _context(loss="cross_entropy", dtype=jnp.float64, model=model, params=params,
+                       settings=dict(keep_prob=0.8, order=8, top_k=1) if name != "hessian_density"
+                       else dict(keep_prob=0.8, order=8))
+        with pytest.raises(ValueError, match=r"keep_prob=0.8 is ambiguous.*0:0.8, 1:0.5"):
+            REGISTRY[name].fn(bad, key=jax.random.key(0))

@@ -102,6 +102,7 @@ def lockstep_against_exact(keep_prob=0.8, lr=0.2, num_steps=5, substeps=2, num_r
     variants = ("order1", "order2", "ode1", "ode2")
     spec = lockstep.LockstepSpec(variants=variants, diffusion="closed_form", estimator="closed_form",
                                  substeps=substeps, coupling="quantile", seed=5, layout=layout, chunk_size=1024)
+    # a helper several tests call: it sets the float64 it needs itself
     with jax.enable_x64(True):
         model = exact.readout_model(problem.dim, keep_prob)
         prob = Problem(model, "mse", "shared", jnp.asarray(problem.phi), jnp.asarray(problem.y[:, None]))

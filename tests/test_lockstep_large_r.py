@@ -68,24 +68,23 @@ def reference_step(spec, problem, params, noise, lr):
     (("order2", "r2", "svag"), "quantile", False, False),
     pytest.param(FULL, "quantile", True, False, marks=pytest.mark.slow),
     pytest.param(FULL, "none", False, True, marks=pytest.mark.slow)])
-def test_batched_step_equals_the_per_replica_step_on_the_same_random_numbers(variants, coupling, richardson, bias):
+def test_batched_step_equals_the_per_replica_step_on_the_same_random_numbers(variants, coupling, richardson, bias, x64):
     """Every path (discrete, the Euler-Maruyama variants, with Richardson on both grids, SVAG(4))
     after one step from different per-replica parameters. float64: the two compute the same sums in
     another order, so they agree to ~1e-15 relative; 1e-10 leaves room for the nested autodiff (HVPs)."""
-    with jax.enable_x64(True):
-        problem, params0 = e1_problem(dtype=jnp.float64, bias=bias)
-        spec = spec_of(variants=variants, coupling=coupling, richardson=richardson, substeps=2 if richardson else 1)
-        num = BLOCK
-        state = lockstep.init_lockstep(params0, spec, num)
-        keys = jax.random.split(jax.random.key(1), len(state.paths))
-        paths = {name: jax.tree_util.tree_map(lambda a, k=k: a + 0.3 * jax.random.normal(k, a.shape, a.dtype), tree)
-                 for (name, tree), k in zip(state.paths.items(), keys)}
-        m = problem.model.sites[-1].size
-        noise = lockstep_batched.step_noise(spec, m, 4, 0, 1, jnp.float64)
-        lr = 0.2
-        got = jax.jit(lambda p, nz: lockstep_batched.batched_step(
-            spec, lockstep_batched.Net.of(problem), p, nz, lr))(paths, noise)
-        want = jax.jit(lambda p, nz: reference_step(spec, problem, p, nz, lr))(paths, noise)
+    problem, params0 = e1_problem(dtype=jnp.float64, bias=bias)
+    spec = spec_of(variants=variants, coupling=coupling, richardson=richardson, substeps=2 if richardson else 1)
+    num = BLOCK
+    state = lockstep.init_lockstep(params0, spec, num)
+    keys = jax.random.split(jax.random.key(1), len(state.paths))
+    paths = {name: jax.tree_util.tree_map(lambda a, k=k: a + 0.3 * jax.random.normal(k, a.shape, a.dtype), tree)
+             for (name, tree), k in zip(state.paths.items(), keys)}
+    m = problem.model.sites[-1].size
+    noise = lockstep_batched.step_noise(spec, m, 4, 0, 1, jnp.float64)
+    lr = 0.2
+    got = jax.jit(lambda p, nz: lockstep_batched.batched_step(
+        spec, lockstep_batched.Net.of(problem), p, nz, lr))(paths, noise)
+    want = jax.jit(lambda p, nz: reference_step(spec, problem, p, nz, lr))(paths, noise)
     assert set(got) == set(want) == set(lockstep.path_names(spec))
     for name in want:
         for a, b in zip(jax.tree_util.tree_leaves(got[name]), jax.tree_util.tree_leaves(want[name])):
@@ -101,20 +100,19 @@ def _advance(spec, problem, params0, num_replicas, num_steps, lr=0.1, start=None
 
 
 @pytest.mark.parametrize("variants", [("order1",), pytest.param(("order1", "ode1", "svag"), marks=pytest.mark.slow)])
-def test_chunk_size_and_replica_count_do_not_change_any_path_and_the_seed_does(variants):
+def test_chunk_size_and_replica_count_do_not_change_any_path_and_the_seed_does(variants, x64):
     """R = 130 replicas (padded to whole blocks) in chunks of 64, 128 and one chunk: every path of
     every replica the same; replica r's path is the same with R = 64; the same seed gives the same
     state, another seed another; two calls of 2 steps equal one call of 4 (the step counter keys
     the draws). The random numbers are identical; XLA may vectorise a loop over 64 replicas
     otherwise than one over 192 (1 ulp per operation), so float64 and 1e-12 relative."""
-    with jax.enable_x64(True):
-        problem, params0 = e1_problem(dtype=jnp.float64)
-        runs = {c: _advance(spec_of(variants=variants, substeps=1, chunk_size=c), problem, params0, 130, 4)
-                for c in (64, 128, 4096)}
-        spec = spec_of(variants=variants, substeps=1)
-        small = _advance(spec, problem, params0, 64, 4)
-        again = _advance(spec, problem, params0, 64, 2, start=_advance(spec, problem, params0, 64, 2))
-        other = _advance(spec_of(variants=variants, substeps=1, seed=4), problem, params0, 64, 4)
+    problem, params0 = e1_problem(dtype=jnp.float64)
+    runs = {c: _advance(spec_of(variants=variants, substeps=1, chunk_size=c), problem, params0, 130, 4)
+            for c in (64, 128, 4096)}
+    spec = spec_of(variants=variants, substeps=1)
+    small = _advance(spec, problem, params0, 64, 4)
+    again = _advance(spec, problem, params0, 64, 2, start=_advance(spec, problem, params0, 64, 2))
+    other = _advance(spec_of(variants=variants, substeps=1, seed=4), problem, params0, 64, 4)
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-13)
     leaves = {c: jax.tree_util.tree_leaves(s.paths) for c, s in runs.items()}
     for c in (64, 128):

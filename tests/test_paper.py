@@ -144,7 +144,7 @@ def test_p_e3_block_is_the_weights_between_the_hidden_layers():
     np.testing.assert_array_equal(flat[mask], np.asarray(params["hidden"][1]["w"]).reshape(-1))
 
 
-def test_drop_r2_is_dropout_risk_plus_lambda_quarter_squared_gradient_norm():
+def test_drop_r2_is_dropout_risk_plus_lambda_quarter_squared_gradient_norm(x64):
     """drop_r2 against R^drop + (lambda/4)||g||^2 with g from central differences (float64: the
     differences' error is O(h^2) ~ 1e-10 relative, so 1e-6 is loose but far below the penalty's size)."""
     import jax
@@ -153,21 +153,20 @@ def test_drop_r2_is_dropout_risk_plus_lambda_quarter_squared_gradient_norm():
 
     from sme import dropout, losses, models
 
-    with jax.enable_x64(True):
-        model = models.make_model("mlp", in_dim=3, hidden=(4,), out_dim=2, keep_prob=0.7, dropout_layers=(0,),
-                                  use_bias=True, output_bias=True, activation="tanh")
-        params = model.init(jax.random.key(0), dtype=jnp.float64)
-        x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
-        y = jnp.eye(2, dtype=jnp.float64)[jnp.array([0, 1, 1, 0, 1])]
-        masks = dropout.sample_masks(model.sites, key=jax.random.key(2), batch_shape=(5,), dtype=jnp.float64)
-        flat, unravel = ravel_pytree(params)
-        drop = lambda v: losses.dropout_risk(model, "mse", unravel(v), x, y, masks, mode="per_sample")  # noqa: E731
-        h = 1e-5
-        grad = np.array([(drop(flat.at[i].add(h)) - drop(flat.at[i].add(-h))) / (2 * h) for i in range(flat.size)])
-        lam = 0.37
-        value = losses.make_objective("drop_r2", model, "mse", mode="per_sample", lr=lam)(params, x, y, masks)
-        assert float(value) == pytest.approx(float(drop(flat)) + lam / 4 * float(grad @ grad), rel=1e-6)
-        assert lam / 4 * float(grad @ grad) > 1e-3 * float(drop(flat))  # the penalty is not negligible here
+    model = models.make_model("mlp", in_dim=3, hidden=(4,), out_dim=2, keep_prob=0.7, dropout_layers=(0,),
+                              use_bias=True, output_bias=True, activation="tanh")
+    params = model.init(jax.random.key(0), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
+    y = jnp.eye(2, dtype=jnp.float64)[jnp.array([0, 1, 1, 0, 1])]
+    masks = dropout.sample_masks(model.sites, key=jax.random.key(2), batch_shape=(5,), dtype=jnp.float64)
+    flat, unravel = ravel_pytree(params)
+    drop = lambda v: losses.dropout_risk(model, "mse", unravel(v), x, y, masks, mode="per_sample")  # noqa: E731
+    h = 1e-5
+    grad = np.array([(drop(flat.at[i].add(h)) - drop(flat.at[i].add(-h))) / (2 * h) for i in range(flat.size)])
+    lam = 0.37
+    value = losses.make_objective("drop_r2", model, "mse", mode="per_sample", lr=lam)(params, x, y, masks)
+    assert float(value) == pytest.approx(float(drop(flat)) + lam / 4 * float(grad @ grad), rel=1e-6)
+    assert lam / 4 * float(grad @ grad) > 1e-3 * float(drop(flat))  # the penalty is not negligible here
 
 
 def test_penalty_lr_defaults_to_the_learning_rate_and_rejects_negative_values():

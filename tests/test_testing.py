@@ -52,6 +52,7 @@ def test_problem_fixture_bundles_the_tiny_mlp_and_keys_are_distinct(x64, problem
 
 
 def test_bad_input_is_named():
+    # x64 off on purpose (whatever the caller's setting): the float64 builder must refuse
     with jax.enable_x64(False), pytest.raises(ValueError, match="float64 needs x64"):
         testing.mlp_problem()
     with pytest.raises(ValueError, match="targets must be"):

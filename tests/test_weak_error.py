@@ -20,39 +20,38 @@ from sme.testing import linear_problem
 # --- The lockstep processes ------------------------------------------------------------------------
 
 
-def test_linear_regression_means_match_exact_recursions_and_the_sme_error_is_order_eps():
+def test_linear_regression_means_match_exact_recursions_and_the_sme_error_is_order_eps(x64):
     """Dropout linear regression: E theta_N = theta* + (I - eps M)^N (theta_0 - theta*) exactly, and the
     Euler-Maruyama mean of the order-1 SME is theta* + (I - h M)^{lN} (theta_0 - theta*) (linear drift),
     whose gap to the discrete mean is O(eps): the simulated gaps must follow it."""
-    with jax.enable_x64(True):
-        problem = linear_problem(0.5)
-        x, y = np.asarray(problem.x), np.asarray(problem.y)[:, 0]
-        a = x.T @ x / 6
-        m = a + np.diag(np.diag(a))  # (1 - p)/p = 1
-        star = np.linalg.solve(m, x.T @ y / 6)
-        start = np.array([2.0, 1.0, -1.5])
-        num, l, horizon = 20000, 4, 1.0
-        spec = lockstep.LockstepSpec(variants=("order1",), diffusion="closed_form", estimator="closed_form",
-                                     substeps=l, coupling="quantile")
-        advance = jax.jit(lockstep.make_advance(spec))
-        gaps, exact_gaps = [], []
-        for eps in (0.1, 0.05, 0.025):
-            steps = int(round(horizon / eps))
-            state = advance(lockstep.init_lockstep({"w": jnp.asarray(start[:, None])}, spec, num), steps, eps, problem)
-            disc = np.asarray(state.paths["discrete"]["w"][..., 0])
-            cont = np.asarray(state.paths["order1"]["w"][..., 0])
-            want_disc = star + np.linalg.matrix_power(np.eye(3) - eps * m, steps) @ (start - star)
-            want_sde = star + np.linalg.matrix_power(np.eye(3) - eps / l * m, steps * l) @ (start - star)
-            # 5 standard errors per coordinate: a false alarm has probability ~1e-5.
-            assert np.all(np.abs(disc.mean(0) - want_disc) < 5 * disc.std(0) / np.sqrt(num))
-            assert np.all(np.abs(cont.mean(0) - want_sde) < 5 * cont.std(0) / np.sqrt(num))
-            gap = disc.mean(0) - cont.mean(0)
-            assert np.all(np.abs(gap - (want_disc - want_sde)) < 5 * (disc - cont).std(0) / np.sqrt(num))
-            gaps.append(np.linalg.norm(gap))
-            exact_gaps.append(np.linalg.norm(want_disc - want_sde))
-        exact_ratio, ratio = np.array(exact_gaps[:-1]) / exact_gaps[1:], np.array(gaps[:-1]) / gaps[1:]
-        assert np.all((1.7 < exact_ratio) & (exact_ratio < 2.3)), exact_ratio  # O(eps): halves with eps
-        assert np.all((1.5 < ratio) & (ratio < 2.6)), ratio  # the same within the Monte Carlo error
+    problem = linear_problem(0.5)
+    x, y = np.asarray(problem.x), np.asarray(problem.y)[:, 0]
+    a = x.T @ x / 6
+    m = a + np.diag(np.diag(a))  # (1 - p)/p = 1
+    star = np.linalg.solve(m, x.T @ y / 6)
+    start = np.array([2.0, 1.0, -1.5])
+    num, l, horizon = 20000, 4, 1.0
+    spec = lockstep.LockstepSpec(variants=("order1",), diffusion="closed_form", estimator="closed_form",
+                                 substeps=l, coupling="quantile")
+    advance = jax.jit(lockstep.make_advance(spec))
+    gaps, exact_gaps = [], []
+    for eps in (0.1, 0.05, 0.025):
+        steps = int(round(horizon / eps))
+        state = advance(lockstep.init_lockstep({"w": jnp.asarray(start[:, None])}, spec, num), steps, eps, problem)
+        disc = np.asarray(state.paths["discrete"]["w"][..., 0])
+        cont = np.asarray(state.paths["order1"]["w"][..., 0])
+        want_disc = star + np.linalg.matrix_power(np.eye(3) - eps * m, steps) @ (start - star)
+        want_sde = star + np.linalg.matrix_power(np.eye(3) - eps / l * m, steps * l) @ (start - star)
+        # 5 standard errors per coordinate: a false alarm has probability ~1e-5.
+        assert np.all(np.abs(disc.mean(0) - want_disc) < 5 * disc.std(0) / np.sqrt(num))
+        assert np.all(np.abs(cont.mean(0) - want_sde) < 5 * cont.std(0) / np.sqrt(num))
+        gap = disc.mean(0) - cont.mean(0)
+        assert np.all(np.abs(gap - (want_disc - want_sde)) < 5 * (disc - cont).std(0) / np.sqrt(num))
+        gaps.append(np.linalg.norm(gap))
+        exact_gaps.append(np.linalg.norm(want_disc - want_sde))
+    exact_ratio, ratio = np.array(exact_gaps[:-1]) / exact_gaps[1:], np.array(gaps[:-1]) / gaps[1:]
+    assert np.all((1.7 < exact_ratio) & (exact_ratio < 2.3)), exact_ratio  # O(eps): halves with eps
+    assert np.all((1.5 < ratio) & (ratio < 2.6)), ratio  # the same within the Monte Carlo error
 
 
 def _regression_config(**sde):

@@ -355,6 +355,7 @@ def test_every_bit_of_the_seed_counts_and_out_of_range_seeds_are_refused():
     assert not np.array_equal(data(2**63 - 1), data(2**31 - 1))
     # Below 2**32 the key is jax.random.key(seed) as before: existing runs keep their numbers.
     np.testing.assert_array_equal(jax.random.key_data(rng.root_key(7)), jax.random.key_data(jax.random.key(7)))
+    # x64 only here, mid-test: the keys above are checked in the default 32-bit mode
     with jax.enable_x64(True):
         # with 64-bit integers jax itself keys a large seed as (high, low): the same key
         np.testing.assert_array_equal(jax.random.key_data(rng.root_key(2**40 + 5)),
