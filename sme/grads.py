@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 from sme.dropout import ones_masks, sample_masks
 from sme.losses import dropout_risk, loss_fn
 from sme.models import MLPSpec, Model, mlp_forward_with_taps
-from sme.problem import accepts_problem, draw_masks, mask_axis, mask_shape
+from sme.problem import Problem, accepts_problem, draw_masks, mask_axis, mask_shape, takes_problem
 
 __all__ = ["check_masks", "draw_masks", "mask_gradients", "mask_losses", "per_example_mask_gram",
            "per_sample_gradients", "per_sample_gram", "ravel", "ravel_rows", "sample_losses",
@@ -70,34 +70,39 @@ def check_masks(model: Model, masks, lead: tuple, what: str) -> None:
                              f"{tuple('K' if w is None else w for w in want)}")
 
 
-@accepts_problem
-def mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode: str, chunk_size=None):
+@takes_problem
+def mask_gradients(problem: Problem, params, masks, *, chunk_size=None):
     """Raveled gradients of R^drop_S(theta; eta_k), one row per mask.
 
+    Also callable as ``mask_gradients(model, loss, params, x, y, masks, mode=..., chunk_size=...)``
+    (`sme.problem.takes_problem`).
+
     Args:
-      masks: leading axis K; each entry is a mask set for `dropout_risk` in `mode`.
+      masks: leading axis K; each entry is a mask set for `dropout_risk` in the problem's mode.
       chunk_size: masks vmapped at once (None: all K).
 
     Returns:
       (K, P) array. Cost: K full-batch gradients.
     """
+    model, loss, mode, x, y = problem.model, problem.loss, problem.mode, problem.x, problem.y
     check_masks(model, masks, mask_shape(mode, x.shape[0], None), f"mask_gradients ({mode})")
     grad = jax.grad(dropout_risk, argnums=2)
     return jax.lax.map(lambda m: ravel(grad(model, loss, params, x, y, m, mode=mode)), masks,
                        batch_size=chunk_size)
 
 
-@accepts_problem
-def sampled_mask_gradients(model: Model, loss: str, params, x, y, *, key, num_masks: int, mode: str,
-                           chunk_size=None):
+@takes_problem
+def sampled_mask_gradients(problem: Problem, params, *, key, num_masks: int, chunk_size=None):
     """`mask_gradients` with masks drawn inside each chunk (never K x n masks in memory).
 
     Row k uses the masks of ``draw_masks(..., key=key)[k]`` (`sme.problem.draw_masks`), whatever the
-    chunk size.
+    chunk size. Also callable in the loose form ``(model, loss, params, x, y, *, key, num_masks,
+    mode, chunk_size)`` (`sme.problem.takes_problem`).
 
     Returns:
       (K, P) array. Cost: K full-batch gradients.
     """
+    model, loss, mode, x, y = problem.model, problem.loss, problem.mode, problem.x, problem.y
     batch_shape = mask_shape(mode, x.shape[0])
     grad = jax.grad(dropout_risk, argnums=2)
 
@@ -151,9 +156,12 @@ def per_sample_gradients(model: Model, loss: str, params, x, y, masks=None, *, c
     return jax.lax.map(one, (x, y, masks), batch_size=chunk_size)
 
 
-@accepts_problem
-def sample_mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode: str, chunk_size=None):
+@takes_problem
+def sample_mask_gradients(problem: Problem, params, masks, *, chunk_size=None):
     """Per-(mask, sample) gradients G[k, i] = grad l(f(x_i; eta_ki), y_i) of minibatch dropout SGD.
+
+    Also callable in the loose form ``(model, loss, params, x, y, masks, *, mode, chunk_size)``
+    (`sme.problem.takes_problem`).
 
     Args:
       masks: leading K; ``shared`` masks (K, *site) apply to every example,
@@ -163,6 +171,7 @@ def sample_mask_gradients(model: Model, loss: str, params, x, y, masks, *, mode:
     Returns:
       (K, n, P) array. Cost: K x n per-example gradients; memory K n P.
     """
+    model, loss, mode, x, y = problem.model, problem.loss, problem.mode, problem.x, problem.y
     n = x.shape[0]
     check_masks(model, masks, mask_shape(mode, n, None), f"sample_mask_gradients ({mode})")
     shared = mask_axis(mode) is None

@@ -29,7 +29,7 @@ import numpy as np
 
 from sme.dropout import check_mode, enumerate_masks, ones_masks
 from sme.models import Model, batch_apply
-from sme.problem import accepts_problem, check_closed_form, tree_sq_norm
+from sme.problem import Problem, accepts_problem, check_closed_form, takes_problem, tree_sq_norm
 
 LOSS_NAMES = ("mse", "cross_entropy")
 # name -> (uses masks, needs the closed-form R_1, needs the R_2 gradient penalty)
@@ -113,10 +113,14 @@ def modified_loss_exact(model: Model, loss: str, params, x, y) -> jax.Array:
     return jnp.dot(jnp.asarray(probs, x.dtype), per_mask)
 
 
-@accepts_problem
-def r2_penalty(model: Model, loss: str, params, x, y, masks, *, mode: str, lr: float) -> jax.Array:
-    """(eps/4) ||grad_theta R^drop_S(theta; eta)||² for the given masks. Cost: one gradient."""
-    grads = jax.grad(dropout_risk, argnums=2)(model, loss, params, x, y, masks, mode=mode)
+@takes_problem
+def r2_penalty(problem: Problem, params, masks, *, lr: float) -> jax.Array:
+    """(eps/4) ||grad_theta R^drop_S(theta; eta)||² for the given masks. Cost: one gradient.
+
+    Also callable in the loose form ``(model, loss, params, x, y, masks, *, mode, lr)``
+    (`sme.problem.takes_problem`)."""
+    grads = jax.grad(dropout_risk, argnums=2)(problem.model, problem.loss, params, problem.x, problem.y, masks,
+                                              mode=problem.mode)
     return lr / 4.0 * tree_sq_norm(grads)
 
 
@@ -144,7 +148,7 @@ def make_objective(name: str, model: Model, loss: str, *, mode: str, lr: float):
         return dropout_risk(model, loss, params, x, y, masks, mode=mode)
 
     def penalty(params, x, y, masks):
-        return r2_penalty(model, loss, params, x, y, masks, mode=mode, lr=lr)
+        return r2_penalty(Problem(model, loss, mode, x, y), params, masks, lr=lr)
 
     def objective(params, x, y, masks):
         if name == "r_s":

@@ -2,8 +2,10 @@
 
 A `Problem` is what the papers call the full-batch dropout problem: the model (with its dropout
 sites), the per-example loss, the mask mode and the data. The losses, gradients, curvature, noise,
-SME and landscape modules take one where it is convenient (`accepts_problem`), beside their
-positional ``(model, loss, params, x, y, ..., mode=...)`` signatures.
+SME and landscape modules take one: functions written for the loose positional form
+``(model, loss, params, x, y, ..., mode=...)`` also accept a Problem (`accepts_problem`), and functions
+written for a Problem, ``(problem, params, ...)``, also accept the loose form (`takes_problem`), so no
+signature needs more than seven parameters.
 
 Rules written once here:
 
@@ -47,7 +49,7 @@ MAX_EXACT_UNITS = 12
 
 __all__ = ["MASK_MODES", "MAX_ENUMERATED_UNITS", "MAX_EXACT_UNITS", "METHODS", "Problem", "accepts_problem",
            "check_closed_form", "draw_masks", "has_closed_form", "mask_axis", "mask_shape", "resolve_method",
-           "tree_sq_norm"]
+           "takes_problem", "tree_sq_norm"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("x", "y"), meta_fields=("model", "loss", "mode"))
@@ -159,5 +161,26 @@ def accepts_problem(fn: Callable) -> Callable:
             kwargs.setdefault("mode", first.mode)
         params, *rest = args
         return fn(first.model, first.loss, params, first.x, first.y, *rest, **kwargs)
+
+    return wrapper
+
+
+def takes_problem(fn: Callable) -> Callable:
+    """Let ``fn(problem, params, *rest, **kw)`` also be called in the loose form
+    ``fn(model, loss, params, x, y, *rest, mode=..., **kw)``, which builds the Problem.
+
+    The reverse of `accepts_problem`, for functions written for a Problem. With a Problem, a
+    ``mode=`` keyword overrides its mask mode (as `accepts_problem` lets it)."""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if isinstance(first, Problem):
+            if "mode" in kwargs:
+                first = dataclasses.replace(first, mode=kwargs.pop("mode"))
+            return fn(first, *args, **kwargs)
+        if len(args) < 4 or "mode" not in kwargs:
+            raise TypeError(f"{fn.__name__}: pass a Problem, or model, loss, params, x, y positionally and mode=")
+        loss, params, x, y, *rest = args
+        return fn(Problem(first, loss, kwargs.pop("mode"), x, y), params, *rest, **kwargs)
 
     return wrapper

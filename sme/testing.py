@@ -68,21 +68,27 @@ def quadratic(dim: int, seed: int = 0, loss0: float = 0.3, *, low: float = 0.05,
     return (lambda theta: 0.5 * theta @ a_jax @ theta + loss0), a, q, eig
 
 
-def mlp_problem(name: str = "mlp", *, in_dim: int = 3, hidden=(5, 4), out_dim: int = 3, n: int = 7,
-                keep_prob: float = 0.7, activation: str = "tanh", targets: str = "normal", seed: int = 1,
-                dtype=jnp.float64, **model_kwargs):
+# The model `mlp_problem` builds unless told otherwise (keywords of ``models.make_model``).
+MLP_PROBLEM_MODEL = dict(in_dim=3, hidden=(5, 4), out_dim=3, keep_prob=0.7, activation="tanh")
+
+
+def mlp_problem(name: str = "mlp", *, n: int = 7, targets: str = "normal", seed: int = 1, dtype=jnp.float64,
+                **model_kwargs):
     """A tiny built-in ``mlp`` or ``two_layer`` with Gaussian inputs: ``(model, params, x, y)``.
 
     ``params`` come from ``jax.random.key(seed)``, ``x`` and the targets from keys ``seed + 1``
     and ``seed + 2``. ``targets``: ``"normal"`` (regression), ``"softmax"`` (soft labels, for
-    cross-entropy) or ``"one_hot"`` (hard labels). Other keywords go to ``models.make_model``.
+    cross-entropy) or ``"one_hot"`` (hard labels). Other keywords go to ``models.make_model``,
+    over the defaults `MLP_PROBLEM_MODEL` (in_dim 3, hidden (5, 4), out_dim 3, keep_prob 0.7, tanh).
     """
+    model_kwargs = {**MLP_PROBLEM_MODEL, **model_kwargs}
+    in_dim, out_dim = model_kwargs["in_dim"], model_kwargs["out_dim"]
+    model_kwargs["hidden"] = tuple(model_kwargs["hidden"])
     if targets not in ("normal", "softmax", "one_hot"):
         raise ValueError(f"mlp_problem: targets must be 'normal', 'softmax' or 'one_hot', got {targets!r}")
     if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError("mlp_problem: float64 needs x64 switched on (the x64 fixture, or jax.enable_x64(True))")
-    model = models.make_model(name, in_dim=in_dim, hidden=tuple(hidden), out_dim=out_dim, keep_prob=keep_prob,
-                              activation=activation, **model_kwargs)
+    model = models.make_model(name, **model_kwargs)
     params = model.init(jax.random.key(seed), dtype=dtype)
     x = jax.random.normal(jax.random.key(seed + 1), (n, in_dim), dtype)
     k = jax.random.key(seed + 2)
