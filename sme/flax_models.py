@@ -319,15 +319,42 @@ def num_sites(name: str, num_channels: int, num_hidden: int) -> int:
     raise ValueError(f"unknown Flax model {name!r}; expected one of {FLAX_MODEL_NAMES}")
 
 
-def make_flax_model(name: str, *, input_shape, out_dim: int, channels, hidden=(), keep_prob: float = 1.0,
-                    dropout_layers=None, activation: str = "relu", init_scale: float = 1.0) -> Model:
-    """Build ``vgg9`` or ``resnet20`` as an sme `Model`; `dropout_layers` indexes its sites (None: all).
+@dataclasses.dataclass(frozen=True)
+class FlaxNet:
+    """A built-in Flax architecture as `make_flax_model` builds it.
+
+    ``name``: ``vgg9`` or ``resnet20``; ``input_shape`` (height, width, channels) of one example;
+    ``channels``: two widths per VGG block, one per ResNet stage; ``hidden``: VGG dense widths;
+    ``keep_prob`` on the sites ``dropout_layers`` indexes (None: all); ``init_scale`` multiplies
+    the kernels' initial standard deviation.
+    """
+
+    name: str
+    input_shape: tuple
+    out_dim: int
+    channels: tuple
+    hidden: tuple = ()
+    keep_prob: float = 1.0
+    dropout_layers: tuple | None = None
+    activation: str = "relu"
+    init_scale: float = 1.0
+
+
+def make_flax_model(name: str, **options) -> Model:
+    """Build ``vgg9`` or ``resnet20`` as an sme `Model`; ``options`` are the other fields of `FlaxNet`
+    (input_shape, out_dim and channels required; `dropout_layers` indexes the sites, None: all).
 
     Cost: one abstract trace of the module (no compute).
     """
+    return build_flax_model(FlaxNet(name, **options))
+
+
+def build_flax_model(net: FlaxNet) -> Model:
+    """The sme `Model` of a `FlaxNet` (see `make_flax_model`)."""
+    name, dropout_layers, keep_prob, activation = net.name, net.dropout_layers, net.keep_prob, net.activation
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
-    channels, hidden = tuple(int(c) for c in channels), tuple(int(w) for w in hidden)
+    channels, hidden = tuple(int(c) for c in net.channels), tuple(int(w) for w in net.hidden)
     if name == "vgg9" and (not channels or len(channels) % 2):
         raise ValueError(f"vgg9: channels {channels} must hold two widths per block")
     if name == "resnet20" and not channels:
@@ -339,9 +366,9 @@ def make_flax_model(name: str, *, input_shape, out_dim: int, channels, hidden=()
     keep_probs = tuple(float(keep_prob) if dropout_layers is None or i in dropout_layers else 1.0
                        for i in range(count))
     if name == "vgg9":
-        module = VGG9(out_dim, keep_probs, channels, hidden, activation, float(init_scale))
+        module = VGG9(net.out_dim, keep_probs, channels, hidden, activation, float(net.init_scale))
     else:
-        module = ResNet20(out_dim, keep_probs, channels, 3, activation, float(init_scale))
-    model = from_flax(module, tuple(input_shape))
+        module = ResNet20(net.out_dim, keep_probs, channels, 3, activation, float(net.init_scale))
+    model = from_flax(module, tuple(net.input_shape))
     selected = tuple(range(count)) if dropout_layers is None else tuple(sorted(dropout_layers))
     return model._replace(spec=dataclasses.replace(model.spec, keep_prob=float(keep_prob), selected=selected))
