@@ -62,6 +62,19 @@ def test_full_order_ritz_values_equal_eigh_and_basis_is_orthonormal():
     np.testing.assert_allclose(s @ np.diag(theta) @ s.T, t, atol=1e-11)
 
 
+def test_float32_basis_stays_orthonormal_when_the_extremes_converge_fast():
+    # A few well-separated top eigenvalues converge within ~10 steps, after which plain Lanczos
+    # loses orthogonality at rate eps / gap; full reorthogonalisation (one pass, a second only
+    # when DGKS asks) must keep Q orthonormal to a small multiple of the float32 rounding of
+    # one Gram-Schmidt pass, ~sqrt(order) * eps32 ~ 8 * 1.2e-7 ~ 1e-6; 2e-5 leaves room for
+    # the rounding of A v itself (||A|| = 1e3). Without reorthogonalisation the error is O(1).
+    lam = np.concatenate([[1000.0, 500.0, 250.0], np.linspace(0.0, 1.0, 297)])
+    a = _matrix(lam).astype(jnp.float32)
+    v0 = jnp.ones(300, jnp.float32)
+    _, _, basis, _ = _tridiagonalize(a, v0, order=60)
+    np.testing.assert_allclose(np.asarray(basis) @ np.asarray(basis).T, np.eye(60), atol=2e-5)
+
+
 @pytest.mark.parametrize("name", list(SPECTRA))
 @pytest.mark.usefixtures("x64")
 def test_controlled_spectra_converge_to_the_known_extremes(name):
