@@ -41,7 +41,7 @@ from sme.dropout import check_mode, enumerate_masks
 from sme.grads import mask_gradients, per_example_mask_gram, sample_mask_gradients
 from sme.lanczos import top_eigenpairs as lanczos_top
 from sme.models import Model
-from sme.problem import accepts_problem
+from sme.problem import Problem, accepts_problem
 
 
 class Factored(NamedTuple):
@@ -227,7 +227,7 @@ def enumerate_gradient_table(model: Model, loss: str, params, x, y):
     """
     masks, probs = enumerate_masks(model.sites, dtype=np.dtype(x.dtype))
     masks = tuple(jnp.asarray(m) for m in masks)
-    table = sample_mask_gradients(model, loss, params, x, y, masks, mode="shared")
+    table = sample_mask_gradients(Problem(model, loss, "shared", x, y), params, masks)
     return table, jnp.asarray(probs, x.dtype)
 
 
@@ -384,7 +384,7 @@ def component_traces(model: Model, loss: str, params, x, y, masks, *, chunk_size
     num_masks, n = jax.tree_util.tree_leaves(masks)[0].shape[0], x.shape[0]
     if num_masks < 2:
         raise ValueError(f"component traces need at least 2 masks, got {num_masks}")
-    column = mask_gradients(model, loss, params, x, y, masks, mode="shared", chunk_size=chunk_size)
+    column = mask_gradients(Problem(model, loss, "shared", x, y), params, masks, chunk_size=chunk_size)
     grams = per_example_mask_gram(model, loss, params, x, y, masks, chunk_size=chunk_size)
     grand = weighted_mean(column, jnp.full((num_masks,), 1.0 / num_masks, column.dtype))
     within = jnp.sum(jnp.trace(grams, axis1=1, axis2=2)) - n * jnp.sum(column**2)

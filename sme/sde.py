@@ -189,18 +189,27 @@ def expected_sq_grad_norm(problem: Problem, estimator: str, params, noise=None) 
     return sq(grad_l) + within / n**2
 
 
-def drift_potential(problem: Problem, kind: str, estimator: str, params, noise, *, lr, diffusion: str = "",
-                    trace: str = "exact") -> jax.Array:
-    """U(theta) with SME drift b = -grad U: order1 L_S; order2 L_S + (eps/4)||grad L_S||^2; r2
-    L_S + (eps/4)(||grad L_S||^2 + Tr Sigma).
+class Drift(NamedTuple):
+    """Which SME drift, and how `drift_potential` estimates its parts."""
 
-    r2's Tr Sigma: ``trace='exact'`` by `estimator` (`expected_sq_grad_norm`); ``trace='sample'``
+    kind: str  # order1 | order2 | r2 (`DRIFTS`)
+    estimator: str  # L_S: closed_form | exact | masks (`LOSS_ESTIMATORS`)
+    diffusion: str = ""  # the diffusion sampler whose noise r2's sample trace uses
+    trace: str = "exact"  # r2's Tr Sigma: exact | sample (`TRACES`)
+
+
+def drift_potential(problem: Problem, drift: Drift, params, noise, *, lr) -> jax.Array:
+    """U(theta) with SME drift b = -grad U: order1 L_S; order2 L_S + (eps/4)||grad L_S||^2; r2
+    L_S + (eps/4)(||grad L_S||^2 + Tr Sigma), for ``drift.kind``, with L_S by ``drift.estimator``.
+
+    r2's Tr Sigma: ``drift.trace='exact'`` by the estimator (`expected_sq_grad_norm`); ``'sample'``
     the unbiased one-sample estimate ||sigma(theta) xi||^2, xi the substep's own noise of the
-    `diffusion` sampler (E_xi ||sigma xi||^2 = Tr Sigma; grad ||sigma xi||^2 is uncorrelated with
+    ``drift.diffusion`` sampler (E_xi ||sigma xi||^2 = Tr Sigma; grad ||sigma xi||^2 is uncorrelated with
     the diffusion increment sigma xi because odd Gaussian moments vanish, and its mean-zero O(eps)
     fluctuation enters the weak error at O(eps^2 h) only).
     Cost: L_S; its gradient differentiated once more (~ one HVP) for order2; plus Tr Sigma for r2.
     """
+    kind, estimator, diffusion, trace = drift
     loss = lambda p: modified_loss(problem, estimator, p, noise)
     if kind == "order1":
         return loss(params)
@@ -217,11 +226,9 @@ def drift_potential(problem: Problem, kind: str, estimator: str, params, noise, 
     raise ValueError(f"unknown trace estimate {trace!r}; expected one of {TRACES}")
 
 
-def sme_drift(problem: Problem, kind: str, estimator: str, params, noise, *, lr, diffusion: str = "",
-              trace: str = "exact"):
+def sme_drift(problem: Problem, drift: Drift, params, noise, *, lr):
     """The SME drift b = -grad U of `drift_potential` (order1 | order2 | r2). Cost: one gradient of U."""
-    grad = jax.grad(lambda p: drift_potential(problem, kind, estimator, p, noise, lr=lr, diffusion=diffusion,
-                                              trace=trace))(params)
+    grad = jax.grad(lambda p: drift_potential(problem, drift, p, noise, lr=lr))(params)
     return _tmap(jnp.negative, grad)
 
 
@@ -241,8 +248,8 @@ def make_sme(problem: Problem, *, drift: str, diffusion: str, estimator: str, lr
     if drift not in DRIFTS:
         raise ValueError(f"unknown drift {drift!r}; expected one of {DRIFTS}")
     with_masks = estimator == "masks"
-    potential = lambda p, xi: drift_potential(problem, drift, estimator, p, xi, lr=lr, diffusion=diffusion,
-                                              trace=trace)
+    spec = Drift(drift, estimator, diffusion, trace)
+    potential = lambda p, xi: drift_potential(problem, spec, p, xi, lr=lr)
 
     def increment(params, xi, h):
         root = jnp.sqrt(lr * h)
@@ -270,7 +277,8 @@ def make_ode(problem: Problem, *, drift: str, diffusion: str, estimator: str, lr
     if drift not in ("order1", "order2"):
         raise ValueError(f"the ODE control takes the order1 or order2 drift, not {drift!r}")
     with_masks = estimator == "masks"
-    potential = lambda p, xi: drift_potential(problem, drift, estimator, p, xi, lr=lr, diffusion=diffusion)
+    spec = Drift(drift, estimator, diffusion)
+    potential = lambda p, xi: drift_potential(problem, spec, p, xi, lr=lr)
     neg_grad = lambda p, xi: _tmap(jnp.negative, jax.grad(potential)(p, xi))
     return SDE(
         drift=neg_grad,

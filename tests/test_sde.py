@@ -242,8 +242,8 @@ def test_drifts_equal_autodiff_of_their_modified_losses(x64):
     for kind, ref in refs.items():
         want = -_flat(jax.jit(jax.grad(ref))(params))
         for est in ("closed_form", "exact"):
-            drift = jax.jit(lambda p, k=kind, e=est: sde.sme_drift(problem, k, e, p, None, lr=lr, diffusion="exact",
-                                                                    trace="exact"))
+            drift = jax.jit(lambda p, k=kind, e=est: sde.sme_drift(problem, sde.Drift(k, e, "exact", "exact"),
+                                                                    p, None, lr=lr))
             got = _flat(drift(params))
             np.testing.assert_allclose(got, want, atol=1e-12)  # float64, O(1) values
     # The r2 drift's one-sample trace estimate is exact on average: E_xi ||s(xi)||^2 is a quadratic
@@ -256,8 +256,8 @@ def test_drifts_equal_autodiff_of_their_modified_losses(x64):
         return {"z": e[: int(np.prod(shapes["z"]))].reshape(shapes["z"]),
                 "zeta": e[int(np.prod(shapes["z"])):].reshape(shapes["zeta"])}
 
-    drift = jax.jit(jax.vmap(lambda j: ravel_pytree(sde.sme_drift(problem, "r2", "closed_form", params, basis_noise(j),
-                                                                  lr=lr, diffusion="closed_form", trace="sample"))[0]))
+    drift = jax.jit(jax.vmap(lambda j: ravel_pytree(sde.sme_drift(problem, sde.Drift("r2", "closed_form", "closed_form", "sample"),
+                                                                  params, basis_noise(j), lr=lr))[0]))
     sampled = np.asarray(drift(jnp.arange(d))).mean(0)
     np.testing.assert_allclose(sampled, -_flat(jax.jit(jax.grad(refs["r2"]))(params)), atol=1e-12)
 
@@ -267,7 +267,7 @@ def test_order2_correction_is_half_eps_hessian_times_gradient(x64):
     flat, unravel = ravel_pytree(params)
     loss_s = lambda f: losses.modified_loss(problem.model, "mse", unravel(f), problem.x, problem.y)
     g, hess = (np.asarray(a) for a in jax.jit(lambda f: (jax.grad(loss_s)(f), jax.hessian(loss_s)(f)))(flat))
-    got = _flat(jax.jit(lambda p: sde.sme_drift(problem, "order2", "closed_form", p, None, lr=0.2))(params))
+    got = _flat(jax.jit(lambda p: sde.sme_drift(problem, sde.Drift("order2", "closed_form"), p, None, lr=0.2))(params))
     np.testing.assert_allclose(got, -(g + 0.1 * hess @ g), atol=1e-12)
 
 
@@ -307,7 +307,7 @@ def test_dropout_linear_regression_drift_is_the_exact_expected_update(x64):
     m = a + np.diag(np.diag(a))  # (1 - p)/p = 1
     theta = {"w": jnp.array([[0.3], [-0.2], [1.1]])}
     for est in ("closed_form", "exact"):
-        got = _flat(sde.sme_drift(problem, "order1", est, theta, None, lr=0.1))
+        got = _flat(sde.sme_drift(problem, sde.Drift("order1", est), theta, None, lr=0.1))
         np.testing.assert_allclose(got, -(m @ _flat(theta) - b), atol=1e-13)
 
 
