@@ -13,6 +13,7 @@ from sme.analyses import curvature as cu
 from sme.analyses import landscape as la
 from sme.analyses import noise
 from sme.analyses import weak_error as we
+from sme.problem import Problem
 
 # (settings type, analysis name, its defaults dict as listed by `sme.listing`)
 TYPES = [
@@ -82,21 +83,25 @@ def test_equal_settings_compile_once():
     traces = []
 
     @common.jit_core
-    def core(params, x, *, model, loss, mode, kind, settings, extra):
+    def core(problem, params, *, kind, settings):
         traces.append(settings)  # runs once per trace (compilation), not per call
-        return model.readout(params) * settings.keep_prob + x[0, 0]
+        return problem.model.readout(params) * settings.keep_prob + problem.x[0, 0]
 
     model = testing.curvature_model(0.7)
     params = model.init(jax.random.key(0), jnp.float32)
     x = jnp.ones((1, 3), jnp.float32)
-    calls = [common.Core(core, testing.curvature_model(0.7), "mse", "shared", "risk",
-                         cu.HessianSettings.from_dict("hessian", s))
+    problem = lambda m, data: Problem(m, "mse", "shared", data, jnp.ones((1, 2), jnp.float32))
+    calls = [common.Core(core, "risk", cu.HessianSettings.from_dict("hessian", s))
              for s in ({"keep_prob": 0.5}, {"keep_prob": "0.5"}, {"keep_prob": 0.5, "top_k": 10})]
-    outs = [c(params, x) for c in calls]
+    # separately built models (equal specs) and other data of the same shape: the same compilation
+    outs = [c(problem(testing.curvature_model(0.7), x * (i + 1)), params) for i, c in enumerate(calls)]
     assert len(traces) == 1 and len(set(calls)) == 1
-    np.testing.assert_array_equal(outs[0], outs[2])
-    common.Core(core, model, "mse", "shared", "risk", cu.HessianSettings.from_dict("hessian", {"top_k": 2}))(params, x)
+    # x[0, 0] is traced (1, then 3): the outputs differ by 2, to float32 rounding of O(1) values
+    np.testing.assert_allclose(outs[0] + 2.0, outs[2], rtol=0, atol=1e-6)
+    common.Core(core, "risk", cu.HessianSettings.from_dict("hessian", {"top_k": 2}))(problem(model, x), params)
     assert len(traces) == 2  # other settings: a second compilation
+    common.Core(core, "risk", calls[0].settings)(problem(testing.curvature_model(0.5), x), params)
+    assert len(traces) == 3  # another model (a static field of the Problem): a third
 
 
 def test_analysis_checkpoints_share_one_compilation():

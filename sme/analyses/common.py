@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 from typing import Any, Callable
@@ -14,6 +15,7 @@ import numpy as np
 
 from sme import hessian, io, runs
 from sme.analyses import Context
+from sme.problem import Problem
 
 
 # ----------------------------------------------------------------------------- settings
@@ -107,38 +109,50 @@ def settings_class(cls_name: str, defaults: dict, fill=None) -> type:
 
 # ----------------------------------------------------------------------------- compiled cores
 
-STATIC_ARGNAMES = ("model", "loss", "mode", "kind", "settings", "extra")
+STATIC_ARGNAMES = ("kind", "settings", "extra")  # the static arguments a core may take
+
+
+def static_argnames(fn) -> tuple[str, ...]:
+    """The keyword-only parameters of a core (a subset of `STATIC_ARGNAMES`): its static arguments."""
+    params = inspect.signature(fn).parameters.values()
+    names = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+    unknown = sorted(set(names) - set(STATIC_ARGNAMES))
+    if unknown:
+        raise TypeError(f"{fn.__name__}: keyword-only parameters {unknown}; a core's static arguments are "
+                        f"among {STATIC_ARGNAMES}")
+    return names
 
 
 def jit_core(fn):
-    """``fn(*arrays, model, loss, mode, kind, settings, extra)`` jitted with those keywords static.
+    """``fn(problem, *arrays, kind=, settings=, extra=)`` jitted with its keyword-only arguments static.
 
-    The model is static by its spec (`sme.models.Model` hashes and compares by spec and sites), the
-    settings by value (`Settings`): equal (model spec, loss, mask mode, kind, settings, extra)
-    reuse one compilation, so a run's checkpoints, and runs sharing an architecture, compile once.
+    A core takes the `sme.problem.Problem` first: its model (static by its spec: `sme.models.Model`
+    hashes and compares by spec and sites), loss and mask mode are the pytree's static fields and
+    its data are traced. The settings are static by value (`Settings`). So equal (model spec, loss,
+    mask mode, kind, settings, extra) and equal array shapes reuse one compilation: a run's
+    checkpoints, and runs sharing an architecture, compile once. A core declares only the static
+    arguments it uses (keyword-only, among `STATIC_ARGNAMES`).
     """
-    return jax.jit(fn, static_argnames=STATIC_ARGNAMES)
+    return jax.jit(fn, static_argnames=static_argnames(fn))
 
 
 @dataclasses.dataclass(frozen=True)
 class Core:
-    """A `jit_core` function bound to its static arguments; called with the array arguments only.
+    """A `jit_core` function bound to its static arguments; called with the array arguments only
+    (the Problem first).
 
-    Hashable and compared by value: equal cores are the same computation, which is what `batched`
-    checks and what keys the vmapped compilation of `map_stacked`.
+    Hashable and compared by value: equal cores are the same computation up to the Problem's static
+    fields, which `batched` checks too, and which key the vmapped compilation of `map_stacked`.
     """
 
     fn: Callable
-    model: Any = None
-    loss: str = ""
-    mode: str = ""
     kind: str = ""
     settings: Any = None
     extra: Any = None
 
     def __call__(self, *args):
-        return self.fn(*args, model=self.model, loss=self.loss, mode=self.mode, kind=self.kind,
-                       settings=self.settings, extra=self.extra)
+        static = {name: getattr(self, name) for name in static_argnames(self.fn)}
+        return self.fn(*args, **static)
 
 
 def resolve_loss_kind(kind: str, model, loss: str, max_units: int) -> str:
@@ -164,6 +178,13 @@ def train_subset(ctx: Context, num_examples: int, *, min_examples: int = 1):
                          "(0 = all)")
     dtype = param_dtype(ctx.params)
     return jnp.asarray(ctx.dataset.x_train[:n], dtype), jnp.asarray(ctx.dataset.y_train[:n], dtype)
+
+
+def train_problem(ctx: Context, num_examples: int, *, model=None, min_examples: int = 1) -> Problem:
+    """The `Problem` of the analysis: ``model`` (default the run's), the run's loss and mask mode, and
+    the first ``num_examples`` training examples (`train_subset`)."""
+    x, y = train_subset(ctx, num_examples, min_examples=min_examples)
+    return Problem(ctx.model if model is None else model, ctx.loss, ctx.mask_mode, x, y)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -209,13 +230,16 @@ def map_stacked(core, items: list[tuple], in_axes: tuple) -> list:
 def batched(plan, in_axes: tuple):
     """A ``batch_fn(ctxs, *, keys)`` from ``plan(ctx, key) -> (core, args, finish)`` (see above).
 
-    Every context must plan the same core (one run: same model, loss, mask mode and settings);
-    otherwise ValueError, and the caller analyses them one at a time.
+    Every context must plan the same core and the same static parts of its shared arguments (one
+    run: same model, loss, mask mode and settings: the Problem's static fields are in its tree
+    structure); otherwise ValueError, and the caller analyses them one at a time.
     """
 
     def batch_fn(ctxs: list[Context], *, keys: list) -> list[dict]:
         plans = [plan(ctx, key) for ctx, key in zip(ctxs, keys, strict=True)]
-        if len({core for core, _, _ in plans}) > 1:
+        shared = [i for i, axis in enumerate(in_axes) if axis is None]
+        static = {(core, tuple(jax.tree_util.tree_structure(args[i]) for i in shared)) for core, args, _ in plans}
+        if len(static) > 1:
             raise ValueError("batched contexts must share one compiled core (same model, loss and settings)")
         outs = map_stacked(plans[0][0], [args for _, args, _ in plans], in_axes) if plans else []
         return [finish(out) for (_, _, finish), out in zip(plans, outs)]

@@ -11,12 +11,26 @@ R_S without dropout, else the closed-form L_S = R_S + R_1 (MSE, last-layer
 dropout), else exact enumeration up to ``max_enumerated_units`` droppable
 units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
 ``modified_mc`` and ``fixed_mask``, in the run's mask mode) come from
-``sample_masks(sites, key=fold_in(key, 0), batch_shape=(K,) | (K, n) | () | (n,))``.
+``sample_masks(sites, key=fold_in(key, MASKS), batch_shape=(K,) | (K, n) | () | (n,))``.
+
+Random draws come from named sub-streams of the analysis key, ``fold_in(key, STREAM)``:
+
+  =========  =====  =====================================================
+  stream     value  draws
+  =========  =====  =====================================================
+  MASKS      0      the frozen masks of ``modified_mc`` and ``fixed_mask``
+  START      1      hessian: Lanczos start; hessian_density: SLQ starts
+  PROBES     2      hessian: Hutchinson probes of Tr H
+  SKETCH     3      hessian: Hutch++ sketch and probes
+  =========  =====  =====================================================
+
+``fisher`` starts the Lanczos of the i-th of its ``kinds`` from ``fold_in(key, FISHER_START + i)``
+(FISHER_START = 0): its own streams, one per matrix (the analysis draws no masks).
 
 * ``hessian`` — top-k and bottom-k eigenpairs from ONE Lanczos run (start vector
-  ``normal(fold_in(key, 1))``, ``order`` steps, clipped to P), each with its true
-  residual; Tr H by Hutchinson (``num_probes``, ``fold_in(key, 2)``) and by
-  Hutch++ (``hutchpp_sketch`` + ``num_probes``, ``fold_in(key, 3)``).
+  ``normal`` from stream START, ``order`` steps, clipped to P), each with its true
+  residual; Tr H by Hutchinson (``num_probes``, stream PROBES) and by
+  Hutch++ (``hutchpp_sketch`` + ``num_probes``, stream SKETCH).
   Keys: ``loss_kind``, ``loss_label`` (strings), ``loss_value``, ``num_params``,
   ``num_examples``, ``order``, ``top_values``/``top_residuals`` (top_k,) largest
   first, ``bottom_values``/``bottom_residuals`` (bottom_k,) smallest first,
@@ -35,7 +49,7 @@ units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
   with ``loss_kind=risk``) and L_S results.
 
 * ``hessian_density`` — stochastic Lanczos quadrature: ``num_probes`` Rademacher
-  starts (``fold_in(key, 1)``) of ``order`` steps, raw nodes and weights, and
+  starts (stream START) of ``order`` steps, raw nodes and weights, and
   the density smoothed by a Gaussian of width sigma = ``sigma_rel`` x (node
   range) on ``grid_size`` points spanning the nodes +- 5 sigma.
   Keys: ``loss_kind``, ``loss_label``, ``num_params``, ``num_examples``,
@@ -48,7 +62,7 @@ units, else the Monte Carlo L_S over ``num_masks`` frozen masks. Masks (for
   J^T (diag pi - pi pi^T) J; Gaussian: J^T J) and the Gauss-Newton matrix: exact
   traces (per-example gradients / Jacobians in chunks of ``trace_chunk_size``)
   and top-k eigenvalues by Lanczos (``order`` steps, start ``normal(fold_in(key,
-  i))`` for the i-th kind); with R_1 when the closed form applies and its
+  FISHER_START + i))`` for the i-th kind); with R_1 when the closed form applies and its
   Fisher-weighted quadratic form for last-layer dropout under any loss.
   Keys, for each of ``kinds`` named ``empirical_fisher``, ``true_fisher``,
   ``ggn``: ``<name>_trace``, ``<name>_eigenvalues``/``<name>_residuals``
@@ -62,10 +76,11 @@ Hutchinson run and apply the stored linear map (`sme.hessian.make_hvp`, its size
 rule: forward-over-reverse when ``chunk_size`` splits the examples or the stored
 residuals would exceed `sme.hessian.LINEARIZE_MAX_BYTES`).
 
-The cores are plain functions jitted with the model (static by its spec), loss,
-mask mode, loss kind and settings (a frozen `*Settings` dataclass, static by
-value) as static arguments (`sme.analyses.common.jit_core`), so all checkpoints
-of a run share one compilation. Each analysis
+The cores are plain functions of a `sme.problem.Problem` (model, loss and mask
+mode static, the examples traced), the parameters, masks and key, jitted with the
+loss kind and settings (a frozen `*Settings` dataclass, static by value) as static
+arguments (`sme.analyses.common.jit_core`), so all checkpoints of a run share one
+compilation. Each analysis
 also has a ``batch_fn`` (`sme.analyses.common.batched`): several checkpoints
 or replicas in one vmapped call of the same core (parameters, masks and keys
 per item), with the same post-processing, so the results equal the
@@ -86,8 +101,13 @@ from sme import hessian as hs
 from sme import lanczos, losses, models
 from sme.analyses import Context, common, register
 from sme.analyses.common import (Core, batched, jit_core, settings_class, load_step_artifacts, pyplot, resolve_loss_kind, run_single,
-                                 save_figure, step_axis, train_subset)
+                                 save_figure, step_axis, train_problem)
 from sme.dropout import mask_shape, sample_masks
+from sme.problem import Problem
+
+# Sub-streams of the analysis key (module docstring): fold_in(key, STREAM).
+MASKS, START, PROBES, SKETCH = 0, 1, 2, 3
+FISHER_START = 0  # fisher: the i-th kind's Lanczos start is fold_in(key, FISHER_START + i)
 
 _LOSS_DEFAULTS = dict(
     loss_kind="auto",  # auto | modified | modified_exact | modified_mc | risk | fixed_mask
@@ -189,39 +209,38 @@ def loss_keep_prob(model) -> float:
     return own.pop() if len(own) == 1 else (1.0 if not own else math.nan)
 
 
-def _masks(ctx: Context, kind: str, s: dict, n: int, key, dtype, model=None):
-    """The frozen masks of `kind` (None when it needs none): see the module docstring."""
-    model = model or ctx.model
+def _masks(problem: Problem, kind: str, s: dict, key):
+    """The frozen masks of `kind` (None when it needs none), from stream MASKS: see the module docstring."""
+    n = problem.num_examples
     if kind == "modified_mc":
-        shape = mask_shape(ctx.mask_mode, n, s["num_masks"])
+        shape = mask_shape(problem.mode, n, s["num_masks"])
     elif kind == "fixed_mask":
-        shape = mask_shape(ctx.mask_mode, n)
+        shape = mask_shape(problem.mode, n)
     else:
         return None
-    return sample_masks(model.sites, key=jax.random.fold_in(key, 0), batch_shape=shape, dtype=dtype)
+    return sample_masks(problem.model.sites, key=jax.random.fold_in(key, MASKS), batch_shape=shape,
+                        dtype=problem.x.dtype)
 
 
 def _setup(ctx: Context, s: dict, key):
-    """(model, resolved kind, x, y, masks, P) shared by the Hessian analyses."""
+    """(problem of the loss's model, resolved kind, masks, P) shared by the Hessian analyses."""
     model = loss_model(ctx.model, s["keep_prob"])
     kind = resolve_loss_kind(s["loss_kind"], model, ctx.loss, s["max_enumerated_units"])
-    x, y = train_subset(ctx, s["num_examples"])
-    dtype = x.dtype
-    return (model, kind, x, y, _masks(ctx, kind, s, x.shape[0], key, dtype, model),
-            ravel_pytree(ctx.params)[0].shape[0])
+    problem = train_problem(ctx, s["num_examples"], model=model)
+    return problem, kind, _masks(problem, kind, s, key), ravel_pytree(ctx.params)[0].shape[0]
 
 
 # ----------------------------------------------------------------------------- hessian
 
 
 @jit_core
-def _hessian_core(params, x, y, masks, key, *, model, loss, mode, kind, settings, extra):
+def _hessian_core(problem, params, masks, key, *, kind, settings, extra):
     """Lanczos eigenpairs and trace estimates of one Hessian; ``extra`` is the Lanczos order."""
-    s, order = settings, extra
-    hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
+    s, order, x, y = settings, extra, problem.x, problem.y
+    hloss = hs.make_hessian_loss(kind, problem, masks=masks)
     matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
     dtype = ravel_pytree(params)[0].dtype
-    v0 = jax.random.normal(jax.random.fold_in(key, 1), (dim,), dtype)
+    v0 = jax.random.normal(jax.random.fold_in(key, START), (dim,), dtype)
     alphas, betas, basis = lanczos.tridiagonalize(matvec, v0, order=order)
     top = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["top_k"], which="largest")
     out = dict(top_values=top.values, top_residuals=top.residuals, lanczos_alphas=alphas,
@@ -233,17 +252,18 @@ def _hessian_core(params, x, y, masks, key, *, model, loss, mode, kind, settings
         bottom = lanczos.ritz_pairs(matvec, alphas, betas, basis, k=s["bottom_k"], which="smallest")
         out.update(bottom_values=bottom.values, bottom_residuals=bottom.residuals)
     out["trace_hutchinson"], out["trace_hutchinson_se"] = lanczos.hutchinson_trace(
-        matvec, dim, key=jax.random.fold_in(key, 2), num_probes=s["num_probes"], dtype=dtype)
+        matvec, dim, key=jax.random.fold_in(key, PROBES), num_probes=s["num_probes"], dtype=dtype)
     if s["hutchpp_sketch"]:
         out["trace_hutchpp"], out["trace_hutchpp_se"] = lanczos.hutchpp_trace(
-            matvec, dim, key=jax.random.fold_in(key, 3), sketch_size=min(s["hutchpp_sketch"], dim),
+            matvec, dim, key=jax.random.fold_in(key, SKETCH), sketch_size=min(s["hutchpp_sketch"], dim),
             num_probes=s["num_probes"], dtype=dtype)
     return out
 
 
 def _hessian_plan(ctx: Context, key, *, name="hessian", settings_type=HessianSettings):
     s = settings_type.from_dict(name, ctx.settings)
-    model, kind, x, y, masks, dim = _setup(ctx, s, key)
+    problem, kind, masks, dim = _setup(ctx, s, key)
+    model = problem.model
     if name == "hessian_modified" and not kind.startswith("modified"):
         raise ValueError(f"hessian_modified: the loss must be L_S (loss_kind modified*, got {kind!r}); the run "
                          "has no dropout, so set keep_prob to the dropout twin's")
@@ -258,14 +278,14 @@ def _hessian_plan(ctx: Context, key, *, name="hessian", settings_type=HessianSet
         out.setdefault("bottom_residuals", empty)
         out.setdefault("trace_hutchpp", np.nan)
         out.setdefault("trace_hutchpp_se", np.nan)
-        out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=x.shape[0],
+        out.update(loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim, num_examples=problem.num_examples,
                    order=order, loss_keep_prob=loss_keep_prob(model),
                    loss_site_keep_probs=np.array([site.keep_prob for site in model.sites], np.float64),
                    settings=s.to_json())
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = Core(_hessian_core, model, ctx.loss, ctx.mask_mode, kind, s, order)
-    return core, (ctx.params, x, y, masks, key), finish
+    core = Core(_hessian_core, kind, s, order)
+    return core, (problem, ctx.params, masks, key), finish
 
 
 def hessian(ctx: Context, *, key) -> dict:
@@ -286,12 +306,12 @@ def hessian_modified(ctx: Context, *, key) -> dict:
 
 
 @jit_core
-def _density_core(params, x, y, masks, key, *, model, loss, mode, kind, settings, extra):
+def _density_core(problem, params, masks, key, *, kind, settings, extra):
     """SLQ nodes and weights; ``extra`` is the Lanczos order."""
     s, order = settings, extra
-    hloss = hs.make_hessian_loss(kind, model, loss, masks=masks, mode=mode)
-    matvec, dim = hs.make_hvp(hloss, params, x, y, chunk_size=s["chunk_size"])
-    nodes, weights = lanczos.slq_density(matvec, dim, key=jax.random.fold_in(key, 1), num_probes=s["num_probes"],
+    hloss = hs.make_hessian_loss(kind, problem, masks=masks)
+    matvec, dim = hs.make_hvp(hloss, params, problem.x, problem.y, chunk_size=s["chunk_size"])
+    nodes, weights = lanczos.slq_density(matvec, dim, key=jax.random.fold_in(key, START), num_probes=s["num_probes"],
                                          order=order, keep_basis=s["keep_basis"],
                                          dtype=ravel_pytree(params)[0].dtype)
     return nodes, weights
@@ -299,7 +319,7 @@ def _density_core(params, x, y, masks, key, *, model, loss, mode, kind, settings
 
 def _density_plan(ctx: Context, key):
     s = DensitySettings.from_dict("hessian_density", ctx.settings)
-    model, kind, x, y, masks, dim = _setup(ctx, s, key)
+    problem, kind, masks, dim = _setup(ctx, s, key)
     order = min(s["order"], dim)
 
     def finish(core_out) -> dict:
@@ -313,10 +333,10 @@ def _density_plan(ctx: Context, key):
         return {k: np.asarray(v) for k, v in dict(
             nodes=nodes, weights=weights, grid=grid, density=density, sigma=sigma, trace_slq=per_probe.mean(),
             trace_slq_se=se, loss_kind=kind, loss_label=hs.LOSS_KINDS[kind], num_params=dim,
-            num_examples=x.shape[0], settings=s.to_json()).items()}
+            num_examples=problem.num_examples, settings=s.to_json()).items()}
 
-    core = Core(_density_core, model, ctx.loss, ctx.mask_mode, kind, s, order)
-    return core, (ctx.params, x, y, masks, key), finish
+    core = Core(_density_core, kind, s, order)
+    return core, (problem, ctx.params, masks, key), finish
 
 
 def hessian_density(ctx: Context, *, key) -> dict:
@@ -336,9 +356,10 @@ def _fisher_kinds(text: str) -> tuple[str, ...]:
 
 
 @jit_core
-def _fisher_core(params, x, y, key, *, model, loss, mode, kind, settings, extra):
+def _fisher_core(problem, params, key, *, settings, extra):
     """Fisher / GGN eigenvalues and traces, R_1; ``extra`` is the Lanczos order."""
     s, order = settings, extra
+    model, loss, x, y = problem.model, problem.loss, problem.x, problem.y
     closed_form = loss == "mse" and model.only_last_layer_dropout
     hloss = hs.make_hessian_loss("risk", model, loss)
     dim = ravel_pytree(params)[0].shape[0]
@@ -346,7 +367,8 @@ def _fisher_core(params, x, y, key, *, model, loss, mode, kind, settings, extra)
     for i, kind in enumerate(_fisher_kinds(s["kinds"])):
         name = FISHER_NAMES[kind]
         matvec, _ = hs.make_fisher(kind, hloss, params, x, y, chunk_size=s["chunk_size"])
-        pairs = lanczos.top_eigenpairs(matvec, dim, key=jax.random.fold_in(key, i), k=s["top_k"], order=order,
+        pairs = lanczos.top_eigenpairs(matvec, dim, key=jax.random.fold_in(key, FISHER_START + i), k=s["top_k"],
+                                       order=order,
                                        dtype=ravel_pytree(params)[0].dtype)
         out[f"{name}_eigenvalues"], out[f"{name}_residuals"] = pairs.values, pairs.residuals
         out[f"{name}_trace"] = hs.fisher_trace(kind, hloss, params, x, y, chunk_size=s["trace_chunk_size"])
@@ -360,7 +382,7 @@ def _fisher_core(params, x, y, key, *, model, loss, mode, kind, settings, extra)
 def _fisher_plan(ctx: Context, key):
     s = FisherSettings.from_dict("fisher", ctx.settings)
     _fisher_kinds(s["kinds"])
-    x, y = train_subset(ctx, s["num_examples"])
+    problem = train_problem(ctx, s["num_examples"])
     dim = ravel_pytree(ctx.params)[0].shape[0]
     order = min(s["order"], dim)
     if s["top_k"] > order:
@@ -371,11 +393,11 @@ def _fisher_plan(ctx: Context, key):
         out.setdefault("r1", np.nan)
         out.setdefault("r1_quadratic", np.nan)
         out.update(keep_prob=ctx.model.sites[-1].keep_prob if ctx.model.sites else 1.0, num_params=dim,
-                   num_examples=x.shape[0], settings=s.to_json())
+                   num_examples=problem.num_examples, settings=s.to_json())
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = Core(_fisher_core, ctx.model, ctx.loss, settings=s, extra=order)
-    return core, (ctx.params, x, y, key), finish
+    core = Core(_fisher_core, settings=s, extra=order)
+    return core, (problem, ctx.params, key), finish
 
 
 def fisher(ctx: Context, *, key) -> dict:
@@ -479,10 +501,10 @@ def plot_fisher(directory: str, steps) -> list[str]:
     return [save_figure(fig, plt, directory, "fisher.png")]
 
 
-# Batched: parameters, masks (drawn from each item's key) and keys per item; x, y shared.
-register("hessian", plot_fn=plot_hessian, batch_fn=batched(_hessian_plan, (0, None, None, 0, 0)))(hessian)
+# Batched: parameters, masks (drawn from each item's key) and keys per item; the problem shared.
+register("hessian", plot_fn=plot_hessian, batch_fn=batched(_hessian_plan, (None, 0, 0, 0)))(hessian)
 register("hessian_modified", plot_fn=plot_hessian,
-         batch_fn=batched(_modified_plan, (0, None, None, 0, 0)))(hessian_modified)
+         batch_fn=batched(_modified_plan, (None, 0, 0, 0)))(hessian_modified)
 register("hessian_density", plot_fn=plot_hessian_density,
-         batch_fn=batched(_density_plan, (0, None, None, 0, 0)))(hessian_density)
-register("fisher", plot_fn=plot_fisher, batch_fn=batched(_fisher_plan, (0, None, None, 0)))(fisher)
+         batch_fn=batched(_density_plan, (None, 0, 0, 0)))(hessian_density)
+register("fisher", plot_fn=plot_fisher, batch_fn=batched(_fisher_plan, (None, 0, 0)))(fisher)

@@ -13,8 +13,8 @@ JSON string ``settings``):
   landscape ``objective`` at theta along the top ``num_components`` PCs for
   c = 2 and c = e, and the fit sigma_i^2 ~ F_i^(-psi) leaving out the first
   ``num_excluded`` PCs and capped widths. Row k's noise comes from
-  ``split(fold_in(key, 0), K)[k]``: masks from that key, batch indices from its
-  ``fold_in(., 1)``.
+  ``split(fold_in(key, ROWS), K)[k]``: masks from that key, batch indices from its
+  ``fold_in(., BATCH)``.
 * ``trajectory_flatness`` — random trajectory data: the same with the rows read
   from ``<workdir>/<filename>`` (default ``snapshots.npz``), key ``params`` of
   shape (S, P) (or (R, S, P), replica axis first; float32), optional ``steps``
@@ -32,7 +32,20 @@ JSON string ``settings``):
 Landscape ``objective``: ``risk`` (R_S, the deterministic net), ``modified``
 (closed-form L_S = R_S + R_1; MSE with last-layer dropout only) or
 ``modified_mc`` (L_S averaged over ``num_loss_masks`` masks drawn once from
-``fold_in(key, 1)``, so that the loss is a deterministic function of theta).
+``fold_in(key, LOSS_MASKS)``, so that the loss is a deterministic function of theta).
+
+Random draws come from named sub-streams of the analysis key, ``fold_in(key, STREAM)``:
+
+  ==========  =====  ==========================================================
+  stream      value  draws
+  ==========  =====  ==========================================================
+  ROWS        0      flatness: the gradient rows' noise (one split key per row)
+  LOSS_MASKS  1      the ``modified_mc`` objective's masks (every analysis here)
+  DIRECTIONS  2      profile: the random directions (one split key each)
+  ==========  =====  ==========================================================
+
+Within a row's key, the minibatch indices come from ``fold_in(row_key, BATCH)`` (BATCH = 1) and
+the masks from the row key itself.
 
 Artifact keys (flatness, trajectory_flatness): ``variances`` (all PCs),
 ``directions`` (k, P) float32, ``factors`` (2,) = (2, e), ``width``/``left``/
@@ -48,9 +61,9 @@ ranges (x ``sensitivity_max_trend`` for trajectory data): ``sensitivity_*`` (see
 `_sensitivity`). Profile: ``alphas`` (A,), ``train_losses``/``test_losses``
 (D, A), ``loss_at_params``, ``test_loss_at_params``.
 
-The cores are jitted with the model (by spec), loss, mask mode and settings (a
-frozen dataclass) as static arguments (`common.jit_core`), so the many
-checkpoints of a run compile once.
+The cores take a `sme.problem.Problem` (model by spec, loss and mask mode static,
+the examples traced) and are jitted with the settings (a frozen dataclass) as
+static arguments (`common.jit_core`), so the many checkpoints of a run compile once.
 """
 
 from __future__ import annotations
@@ -68,8 +81,13 @@ from jax.flatten_util import ravel_pytree
 
 from sme import landscape, losses
 from sme.analyses import Context, common, register
-from sme.analyses.common import Core, jit_core, load_step_artifacts, pyplot, save_figure, settings_class, train_subset
+from sme.analyses.common import Core, jit_core, load_step_artifacts, pyplot, save_figure, settings_class, train_problem
 from sme.dropout import mask_shape, sample_masks
+from sme.problem import Problem
+
+# Sub-streams of the analysis key (module docstring): fold_in(key, STREAM).
+ROWS, LOSS_MASKS, DIRECTIONS = 0, 1, 2
+BATCH = 1  # within a gradient row's key: its minibatch indices
 
 FACTOR_NAMES = ("c2", "ce")  # suffixes of landscape.FACTORS = (2, e)
 OBJECTIVES = landscape.OBJECTIVES  # risk, modified, modified_mc (sme.landscape.problem_loss)
@@ -128,8 +146,9 @@ def _search(s: dict) -> landscape.BracketSearch:
     return landscape.BracketSearch(s["init_step"], s["max_distance"], s["num_bisect"])
 
 
-def _objective(model, loss, mode, s, x, y, *, key):
+def _objective(problem: Problem, s, *, key):
     """The landscape loss as fn(params pytree); masks of modified_mc are fixed (drawn once)."""
+    model, loss, mode, x, y = problem.model, problem.loss, problem.mode, problem.x, problem.y
     if s["objective"] == "risk":
         return lambda p: losses.risk(model, loss, p, x, y)
     if s["objective"] == "modified":
@@ -142,8 +161,9 @@ def _objective(model, loss, mode, s, x, y, *, key):
         lambda m: losses.dropout_risk(model, loss, p, x, y, m, mode=mode), masks))
 
 
-def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
+def _gradient_rows(problem: Problem, s, params, *, key):
     """(K, P) raveled gradients of R^drop over a noise draw per row (module docstring)."""
+    model, loss, mode, x, y = problem.model, problem.loss, problem.mode, problem.x, problem.y
     use_masks, use_batch = s["noise"] != "minibatch", s["noise"] != "dropout"
     n = s["batch_size"] if use_batch else x.shape[0]
     grad = jax.grad(losses.dropout_risk, argnums=2)
@@ -151,7 +171,7 @@ def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
     def row(k):
         xb, yb = x, y
         if use_batch:
-            idx = jax.random.choice(jax.random.fold_in(k, 1), x.shape[0], (n,), replace=False)
+            idx = jax.random.choice(jax.random.fold_in(k, BATCH), x.shape[0], (n,), replace=False)
             xb, yb = x[idx], y[idx]
         shape = mask_shape(mode, n)
         masks = (sample_masks(model.sites, key=k, batch_shape=shape, dtype=x.dtype) if use_masks else
@@ -162,14 +182,14 @@ def _gradient_rows(model, loss, mode, s, params, x, y, *, key):
 
 
 @jit_core
-def _flatness_core(params, rows, x, y, key, *, model, loss, mode, kind, settings, extra):
+def _flatness_core(problem, params, rows, key, *, settings, extra):
     """PCA of the rows and the interval flatness along them; ``extra``: draw gradient rows (else given)."""
     s, from_gradients = settings, extra
     flat, unravel = ravel_pytree(params)
     # Gradient data: rows drawn at theta; trajectory data: rows given, theta* = params.
     if from_gradients:
-        rows = _gradient_rows(model, loss, mode, s, params, x, y, key=jax.random.fold_in(key, 0))
-    objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
+        rows = _gradient_rows(problem, s, params, key=jax.random.fold_in(key, ROWS))
+    objective = _objective(problem, s, key=jax.random.fold_in(key, LOSS_MASKS))
     comps, flat_res = landscape.pca_flatness(
         rows, lambda v: objective(unravel(v)), flat, num_components=s["num_components"],
         search=_search(s))
@@ -283,17 +303,17 @@ def flatness(ctx: Context, *, key) -> dict:
     if s["noise"] != "minibatch" and not any(site.droppable for site in ctx.model.sites):
         raise ValueError("analysis flatness: the model has no dropout (all keep_prob = 1), so mask "
                          "gradients are identical; use noise='minibatch'")
-    x, y = train_subset(ctx, s["num_examples"])
+    problem = train_problem(ctx, s["num_examples"])
     if s["noise"] != "dropout":
         run_batch = ctx.run.batch_size
         s = dataclasses.replace(s, batch_size=s["batch_size"] or run_batch)
-        if not 1 <= s["batch_size"] < x.shape[0]:
-            raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {x.shape[0]} "
+        if not 1 <= s["batch_size"] < problem.num_examples:
+            raise ValueError(f"analysis flatness: minibatch noise needs 1 <= batch_size < {problem.num_examples} "
                              f"examples, got batch_size={s['batch_size']}")
     _check_rows(s, s["num_masks"], ravel_pytree(ctx.params)[0].shape[0], "gradient rows")
     _check_fit_settings(s, trajectory=False)
-    fn = Core(_flatness_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s, extra=True)
-    return _flatness_result(*fn(ctx.params, None, x, y, key), s)
+    fn = Core(_flatness_core, settings=s, extra=True)
+    return _flatness_result(*fn(problem, ctx.params, None, key), s)
 
 
 def _workdir(ctx: Context):
@@ -340,21 +360,21 @@ def trajectory_flatness(ctx: Context, *, key) -> dict:
         raise ValueError(f"analysis trajectory_flatness: trend_degree={s['trend_degree']} must be in "
                          f"[1, {rows.shape[0] - 2}] for {rows.shape[0]} snapshots")
     reference = {"last": rows[-1], "mean": jnp.mean(rows, axis=0), "checkpoint": flat}[s["reference"]]
-    x, y = train_subset(ctx, s["num_examples"])
-    fn = Core(_flatness_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s, extra=False)
-    out = _flatness_result(*fn(unravel(reference), rows, x, y, key), s)
+    problem = train_problem(ctx, s["num_examples"])
+    fn = Core(_flatness_core, settings=s, extra=False)
+    out = _flatness_result(*fn(problem, unravel(reference), rows, key), s)
     out["num_snapshots"] = rows.shape[0]
     return out
 
 
 @jit_core
-def _profile_core(params, x, y, x_test, y_test, key, *, model, loss, mode, kind, settings, extra):
-    """Train and test loss profiles along filter-normalised random directions."""
+def _profile_core(problem, params, test_problem, key, *, settings):
+    """Train and test loss profiles along filter-normalised random directions (``test_problem``: the test set)."""
     s = settings
     with jax.ensure_compile_time_eval():  # a constant of the compiled function, as computed eagerly
         alphas = jnp.linspace(-s["radius"], s["radius"], s["num_points"])
-    objective = _objective(model, loss, mode, s, x, y, key=jax.random.fold_in(key, 1))
-    test = lambda p: losses.risk(model, loss, p, x_test, y_test)
+    objective = _objective(problem, s, key=jax.random.fold_in(key, LOSS_MASKS))
+    test = lambda p: losses.risk(test_problem, p)
 
     def one(k):
         d = landscape.filter_normalize(landscape.random_direction(params, key=k), params,
@@ -362,7 +382,7 @@ def _profile_core(params, x, y, x_test, y_test, key, *, model, loss, mode, kind,
         return (landscape.profile_1d(objective, params, d, alphas),
                 landscape.profile_1d(test, params, d, alphas))
 
-    keys = jax.random.split(jax.random.fold_in(key, 2), s["num_directions"])
+    keys = jax.random.split(jax.random.fold_in(key, DIRECTIONS), s["num_directions"])
     train_losses, test_losses = jax.lax.map(one, keys)  # one direction at a time: bounded memory
     return alphas, train_losses, test_losses, objective(params), test(params)
 
@@ -373,11 +393,12 @@ def profile(ctx: Context, *, key) -> dict:
     if s["num_points"] < 3 or s["num_points"] % 2 == 0 or s["num_directions"] < 1 or not s["radius"] > 0:
         raise ValueError(f"analysis profile: need odd num_points >= 3, num_directions >= 1 and radius > 0; got "
                          f"{s['num_points']}, {s['num_directions']}, {s['radius']}")
-    x, y = train_subset(ctx, s["num_examples"])
-    dtype = x.dtype
-    xt, yt = jnp.asarray(ctx.dataset.x_test, dtype), jnp.asarray(ctx.dataset.y_test, dtype)
-    fn = Core(_profile_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s)
-    alphas, train_losses, test_losses, at_params, test_at_params = fn(ctx.params, x, y, xt, yt, key)
+    problem = train_problem(ctx, s["num_examples"])
+    dtype = problem.x.dtype
+    test = Problem(ctx.model, ctx.loss, ctx.mask_mode, jnp.asarray(ctx.dataset.x_test, dtype),
+                   jnp.asarray(ctx.dataset.y_test, dtype))
+    fn = Core(_profile_core, settings=s)
+    alphas, train_losses, test_losses, at_params, test_at_params = fn(problem, ctx.params, test, key)
     return dict(alphas=alphas, train_losses=train_losses, test_losses=test_losses,
                 loss_at_params=at_params, test_loss_at_params=test_at_params,
                 settings=s.to_json())

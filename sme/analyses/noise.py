@@ -6,15 +6,15 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
 
 * ``covariance`` — at the checkpoint theta:
   Sigma_K = G_c^T G_c / (K - 1) from K = ``num_masks`` full-batch mask gradients
-  in the run's mask mode (masks from ``split(fold_in(key, 0), K)``); the SGD
+  in the run's mask mode (masks from ``split(fold_in(key, MASKS), K)``); the SGD
   noise of the deterministic net, Cov_i(grad l_i) over ``sgd_examples`` examples
   (0 or >= n: all of S, population covariance; else a random subset from
-  ``fold_in(key, 1)``, divided by n' - 1), from the per-sample Gram matrix
+  stream SGD_SUBSET, divided by n' - 1), from the per-sample Gram matrix
   (`sme.grads.per_sample_gram`, no per-sample gradients for MLPs); and the
   decomposition of minibatch dropout SGD's noise (`sme.covariance.Components`):
   the B = 1 traces of data A, mask M and interaction C estimated from
-  ``decomposition_masks`` shared masks (``fold_in(key, 2)``) on a random subset
-  of ``decomposition_examples`` examples (``fold_in(key, 3)``; 0: all) corrected
+  ``decomposition_masks`` shared masks (stream DECOMPOSITION_MASKS) on a random subset
+  of ``decomposition_examples`` examples (stream DECOMPOSITION_SUBSET; 0: all) corrected
   to the population S, then scaled for batches of B = ``batch_size`` (-1: the
   run's train.batch_size, where 0 means full batch) drawn without replacement
   in the run's mask mode.
@@ -36,11 +36,12 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   loss for a run with and without dropout), or (``auto``) L_S: ``modified`` (closed form; MSE,
   last-layer dropout), ``modified_exact`` (enumerated; <= ``max_enumerated_units``
   droppable units), else ``modified_mc`` (``hessian_masks`` mask sets in the run's
-  mode, fixed from ``fold_in(key, 2)``); ``risk`` (R_S) without dropout. Dense
+  mode, fixed from stream HESSIAN_MASKS); ``risk`` (R_S) without dropout. Dense
   ``eigh`` when P <= ``dense_max_params``, else Lanczos
-  (`sme.lanczos.top_eigenpairs`, ``lanczos_order`` steps, key ``fold_in(key, 3)``)
+  (`sme.lanczos.top_eigenpairs`, ``lanczos_order`` steps, start from stream LANCZOS_START)
   with Tr H and ||H||_F by Hutchinson deflated by the top-k eigenvectors
-  (``num_probes``, key ``fold_in(key, 4)``). Tr(H Sigma) costs one HVP per mask
+  (``num_probes``, stream PROBES). The dropout noise's masks are stream MASKS, the
+  SGD examples stream SGD_SUBSET, as for ``covariance``. Tr(H Sigma) costs one HVP per mask
   and per SGD example (``hvp_chunk_size`` at once).
 
   Keys: ``hessian_eigenvalues``, ``hessian_residuals`` (top_k,), ``hessian_trace``,
@@ -60,9 +61,25 @@ string ``settings``). S is the first ``num_examples`` training examples (0: all)
   ``<noise>_slope_high``, ``<noise>_slope_points`` (NaN slopes when fewer than 3
   positive pairs, e.g. without dropout).
 
-The cores are jitted with the model (by spec), loss, mask mode and settings
-(a frozen dataclass) as static arguments (`common.jit_core`), so
-the checkpoints of a run compile once. Both analyses also have a ``batch_fn``
+Random draws come from named sub-streams of the analysis key, ``fold_in(key, STREAM)``
+(each analysis has its own key, so the two share values):
+
+  ====================  =====  ==========================================================
+  stream                value  draws
+  ====================  =====  ==========================================================
+  MASKS                 0      the K masks of Sigma_K (one split key per mask)
+  SGD_SUBSET            1      the examples of the SGD noise
+  DECOMPOSITION_MASKS   2      covariance: the decomposition's shared masks
+  HESSIAN_MASKS         2      alignment: the masks of the Monte Carlo L_S
+  DECOMPOSITION_SUBSET  3      covariance: the decomposition's examples
+  LANCZOS_START         3      alignment: the Lanczos start
+  PROBES                4      alignment: the Hutchinson probes of Tr H and ||H||_F
+  ====================  =====  ==========================================================
+
+The cores take a `sme.problem.Problem` (model by spec, loss and mask mode static,
+the examples traced) and are jitted with the settings (a frozen dataclass) and
+loss kind as static arguments (`common.jit_core`), so the checkpoints of a run
+compile once. Both analyses also have a ``batch_fn``
 (`sme.analyses.common.batched`): several checkpoints or replicas in one vmapped
 call of the same core (parameters, subsets, masks and keys per item), with the
 same post-processing, so the results equal the one-at-a-time ones up to float
@@ -82,8 +99,14 @@ from sme import covariance as cv
 from sme import grads, hessian, lanczos, relations
 from sme.analyses import Context, register
 from sme.analyses.common import (Core, batched, jit_core, load_step_artifacts, pyplot, resolve_loss_kind,
-                                 run_single, save_figure, settings_class, step_axis, train_subset)
+                                 run_single, save_figure, settings_class, step_axis, train_problem)
 from sme.dropout import mask_shape, sample_masks
+from sme.problem import Problem
+
+# Sub-streams of the analysis key (module docstring): fold_in(key, STREAM).
+MASKS, SGD_SUBSET = 0, 1
+DECOMPOSITION_MASKS, DECOMPOSITION_SUBSET = 2, 3  # covariance
+HESSIAN_MASKS, LANCZOS_START, PROBES = 2, 3, 4  # alignment
 
 COVARIANCE_DEFAULTS = dict(
     num_masks=64,  # K mask gradients for Sigma_K
@@ -127,6 +150,11 @@ def _subset(key, n: int, size: int, what: str) -> np.ndarray:
     return np.sort(np.asarray(jax.random.permutation(key, n))[:size])
 
 
+def _rows(problem: Problem, index) -> Problem:
+    """The problem on the examples ``index``."""
+    return Problem(problem.model, problem.loss, problem.mode, problem.x[index], problem.y[index])
+
+
 def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
     b = setting if setting >= 0 else ctx.run.batch_size
     return n if b == 0 else min(b, n)
@@ -136,27 +164,29 @@ def _run_batch_size(ctx: Context, setting: int, n: int) -> int:
 
 
 @jit_core
-def _covariance_core(params, x, y, x_sgd, y_sgd, x_dec, y_dec, key, *, model, loss, mode, kind, settings, extra):
-    """Sigma_K and SGD-noise spectra and traces, and the noise decomposition traces."""
-    s = settings
-    g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
-                                     num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
+def _covariance_core(problem, params, sgd, dec, key, *, settings):
+    """Sigma_K and SGD-noise spectra and traces, and the noise decomposition traces.
+
+    ``sgd`` and ``dec``: the problem on the SGD-noise and decomposition subsets of its examples."""
+    s, x = settings, problem.x
+    g = grads.sampled_mask_gradients(problem, params, key=jax.random.fold_in(key, MASKS),
+                                     num_masks=s["num_masks"], chunk_size=s["chunk_size"])
     cov = cv.mask_covariance(g)
     k = s["num_masks"]
     out = dict(sigma_eigenvalues=cv.gram_eigenvalues(cv.gram(cov), s["top_k"]),
                sigma_trace=cv.trace(cov), sigma_frobenius=cv.frobenius(cov),
                grad_norm=jnp.linalg.norm(jnp.full((k,), 1.0 / k, g.dtype) @ g))
-    ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
-    sgd = cv.centred_gram(grads.per_sample_gram(model, loss, params, x_sgd, y_sgd,
-                                                chunk_size=s["chunk_size"]), ddof=ddof)
-    out.update(sgd_eigenvalues=cv.gram_eigenvalues(sgd, s["top_k"]), sgd_trace=jnp.trace(sgd),
-               sgd_frobenius=jnp.linalg.norm(sgd))
+    ddof = 0 if sgd.num_examples == problem.num_examples else 1
+    sgd_gram = cv.centred_gram(grads.per_sample_gram(sgd, params, chunk_size=s["chunk_size"]), ddof=ddof)
+    out.update(sgd_eigenvalues=cv.gram_eigenvalues(sgd_gram, s["top_k"]), sgd_trace=jnp.trace(sgd_gram),
+               sgd_frobenius=jnp.linalg.norm(sgd_gram))
     if s["decomposition_masks"]:
-        masks = grads.draw_masks(model, key=jax.random.fold_in(key, 2), num_masks=s["decomposition_masks"],
-                                 mode="shared", num_examples=x_dec.shape[0], dtype=x.dtype)
-        traces, _ = cv.component_traces(model, loss, params, x_dec, y_dec, masks, chunk_size=s["chunk_size"])
+        masks = grads.draw_masks(problem.model, key=jax.random.fold_in(key, DECOMPOSITION_MASKS),
+                                 num_masks=s["decomposition_masks"], mode="shared",
+                                 num_examples=dec.num_examples, dtype=x.dtype)
+        traces, _ = cv.component_traces(dec, params, masks, chunk_size=s["chunk_size"])
         out["component_traces"] = jnp.stack(cv.subset_corrected(
-            traces, subset_size=x_dec.shape[0], population=x.shape[0]))
+            traces, subset_size=dec.num_examples, population=problem.num_examples))
     return out
 
 
@@ -166,10 +196,11 @@ def _covariance_plan(ctx: Context, key):
         raise ValueError(f"covariance: need 2 <= num_masks and 1 <= top_k <= num_masks, got {s.as_dict()}")
     if s["decomposition_masks"] == 1:
         raise ValueError("covariance: decomposition_masks must be 0 (skip) or >= 2")
-    x, y = train_subset(ctx, s["num_examples"], min_examples=2)
-    n = x.shape[0]
-    sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
-    dec_idx = _subset(jax.random.fold_in(key, 3), n, s["decomposition_examples"], "decomposition_examples")
+    problem = train_problem(ctx, s["num_examples"], min_examples=2)
+    n = problem.num_examples
+    sgd_idx = _subset(jax.random.fold_in(key, SGD_SUBSET), n, s["sgd_examples"], "sgd_examples")
+    dec_idx = _subset(jax.random.fold_in(key, DECOMPOSITION_SUBSET), n, s["decomposition_examples"],
+                      "decomposition_examples")
     if s["top_k"] > len(sgd_idx):
         raise ValueError(f"covariance: top_k={s['top_k']} exceeds the {len(sgd_idx)} SGD examples")
     batch = _run_batch_size(ctx, s["batch_size"], n)
@@ -185,8 +216,8 @@ def _covariance_plan(ctx: Context, key):
                    mask_mode=np.asarray(ctx.mask_mode), settings=np.asarray(s.to_json()))
         return out
 
-    core = Core(_covariance_core, ctx.model, ctx.loss, ctx.mask_mode, settings=s)
-    return core, (ctx.params, x, y, x[sgd_idx], y[sgd_idx], x[dec_idx], y[dec_idx], key), finish
+    core = Core(_covariance_core, settings=s)
+    return core, (problem, ctx.params, _rows(problem, sgd_idx), _rows(problem, dec_idx), key), finish
 
 
 def covariance(ctx: Context, *, key) -> dict:
@@ -213,13 +244,14 @@ def _noise_entries(hvp, cov, vectors, fro_h, chunk, ddof):
 
 
 @jit_core
-def _alignment_core(params, x, y, hmasks, x_sgd, y_sgd, key, *, model, loss, mode, kind, settings, extra):
-    """Alignment of the noise with the Hessian; ``extra``: the dense-Hessian path (else Lanczos)."""
-    s, dense_path = settings, extra
-    hloss = hessian.make_hessian_loss(kind, model, loss, masks=hmasks, mode=mode)
-    hvp, dim = hessian.make_hvp(hloss, params, x, y, chunk_size=s["hessian_chunk_size"])
+def _alignment_core(problem, params, hmasks, sgd, key, *, kind, settings):
+    """Alignment of the noise with the Hessian (``sgd``: the problem on the SGD-noise examples);
+    the dense Hessian up to ``dense_max_params`` parameters, else Lanczos."""
+    s, x = settings, problem.x
+    hloss = hessian.make_hessian_loss(kind, problem, masks=hmasks)
+    hvp, dim = hessian.make_hvp(hloss, params, x, problem.y, chunk_size=s["hessian_chunk_size"])
     k = s["top_k"]
-    if dense_path:
+    if dim <= s["dense_max_params"]:
         h = hessian.to_dense(hvp, dim, dtype=x.dtype)
         values, vectors = jnp.linalg.eigh((h + h.T) / 2)
         values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k].T
@@ -227,14 +259,15 @@ def _alignment_core(params, x, y, hmasks, x_sgd, y_sgd, key, *, model, loss, mod
         zero = jnp.zeros((), h.dtype)
         norms = relations.HessianNorms(jnp.trace(h), zero, jnp.linalg.norm(h), zero)
     else:
-        pairs = lanczos.top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, 3), k=k, order=s["lanczos_order"])
+        pairs = lanczos.top_eigenpairs(hvp, dim, key=jax.random.fold_in(key, LANCZOS_START), k=k,
+                                       order=s["lanczos_order"])
         values, vectors, residuals = pairs.values, pairs.vectors, pairs.residuals
-        norms = relations.hessian_norms(hvp, dim, key=jax.random.fold_in(key, 4),
+        norms = relations.hessian_norms(hvp, dim, key=jax.random.fold_in(key, PROBES),
                                         num_probes=s["num_probes"], basis=vectors)
-    g = grads.sampled_mask_gradients(model, loss, params, x, y, key=jax.random.fold_in(key, 0),
-                                     num_masks=s["num_masks"], mode=mode, chunk_size=s["chunk_size"])
-    sgd_rows = grads.per_sample_gradients(model, loss, params, x_sgd, y_sgd, chunk_size=s["chunk_size"])
-    ddof = 0 if x_sgd.shape[0] == x.shape[0] else 1
+    g = grads.sampled_mask_gradients(problem, params, key=jax.random.fold_in(key, MASKS),
+                                     num_masks=s["num_masks"], chunk_size=s["chunk_size"])
+    sgd_rows = grads.per_sample_gradients(sgd, params, chunk_size=s["chunk_size"])
+    ddof = 0 if sgd.num_examples == problem.num_examples else 1
     out = dict(hessian_eigenvalues=values, hessian_residuals=residuals, hessian_trace=norms.trace,
                hessian_trace_se=norms.trace_se, hessian_frobenius=norms.frobenius,
                hessian_frobenius_se=norms.frobenius_se)
@@ -257,8 +290,8 @@ def _fit_entries(prefix: str, eigenvalues, projected, s) -> dict:
 
 def _alignment_plan(ctx: Context, key):
     s = AlignmentSettings.from_dict("alignment", ctx.settings)
-    x, y = train_subset(ctx, s["num_examples"], min_examples=2)
-    n = x.shape[0]
+    problem = train_problem(ctx, s["num_examples"], min_examples=2)
+    n = problem.num_examples
     dim = ravel_pytree(ctx.params)[0].shape[0]
     if not 1 <= s["top_k"] <= dim or s["num_masks"] < 2:
         raise ValueError(f"alignment: need 1 <= top_k <= {dim} parameters and num_masks >= 2, got {s.as_dict()}")
@@ -270,8 +303,9 @@ def _alignment_plan(ctx: Context, key):
     hmasks = None
     if kind == "modified_mc":
         shape = mask_shape(ctx.mask_mode, n, s["hessian_masks"])
-        hmasks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 2), batch_shape=shape, dtype=x.dtype)
-    sgd_idx = _subset(jax.random.fold_in(key, 1), n, s["sgd_examples"], "sgd_examples")
+        hmasks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, HESSIAN_MASKS), batch_shape=shape,
+                              dtype=problem.x.dtype)
+    sgd_idx = _subset(jax.random.fold_in(key, SGD_SUBSET), n, s["sgd_examples"], "sgd_examples")
 
     def finish(core_out) -> dict:
         out = {k: np.asarray(v, np.float64) for k, v in core_out.items()}
@@ -290,8 +324,8 @@ def _alignment_plan(ctx: Context, key):
                    settings=s.to_json())
         return {k: np.asarray(v) for k, v in out.items()}
 
-    core = Core(_alignment_core, ctx.model, ctx.loss, ctx.mask_mode, kind, s, dim <= s["dense_max_params"])
-    return core, (ctx.params, x, y, hmasks, x[sgd_idx], y[sgd_idx], key), finish
+    core = Core(_alignment_core, kind, s)
+    return core, (problem, ctx.params, hmasks, _rows(problem, sgd_idx), key), finish
 
 
 def alignment(ctx: Context, *, key) -> dict:
@@ -415,7 +449,7 @@ def _projected_variance_figure(plt, fig, ax, directory, step, a) -> list[str]:
 
 
 # Per-item arguments (in_axes 0): parameters, the SGD/decomposition subsets and the Hessian's
-# masks (drawn from each item's key), and the key; the training data are shared (None).
+# masks (drawn from each item's key), and the key; the training problem is shared (None).
 register("covariance", plot_fn=plot_covariance,
-         batch_fn=batched(_covariance_plan, (0, None, None, 0, 0, 0, 0, 0)))(covariance)
-register("alignment", plot_fn=plot_alignment, batch_fn=batched(_alignment_plan, (0, None, None, 0, 0, 0, 0)))(alignment)
+         batch_fn=batched(_covariance_plan, (None, 0, 0, 0, 0)))(covariance)
+register("alignment", plot_fn=plot_alignment, batch_fn=batched(_alignment_plan, (None, 0, 0, 0, 0)))(alignment)
