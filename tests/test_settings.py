@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sme import testing
-from sme.analyses import check_settings, common
+from sme.analyses import REGISTRY, check_settings, common
 from sme.analyses import curvature as cu
 from sme.analyses import landscape as la
 from sme.analyses import noise
@@ -112,3 +112,15 @@ def test_analysis_checkpoints_share_one_compilation():
             for seed in (0, 1)]
     assert cu._fisher_core._cache_size() == 1
     assert not np.allclose(outs[0]["ggn_trace"], outs[1]["ggn_trace"])  # different parameters, same compiled core
+
+
+def test_batched_refuses_contexts_of_different_problems():
+    """Equal cores but different models (a static field of the shared Problem), or different
+    settings: one vmapped call cannot serve both, so the batch is refused before any compute."""
+    batch = REGISTRY["hessian"].batch_fn
+    settings = dict(order=4, top_k=1, num_probes=1, hutchpp_sketch=0)
+    keys = [jax.random.key(0), jax.random.key(1)]
+    for other in (testing.curvature_context(keep_prob=0.5, settings=dict(settings)),
+                  testing.curvature_context(settings=dict(settings, top_k=2))):
+        with pytest.raises(ValueError, match="share one compiled core"):
+            batch([testing.curvature_context(settings=dict(settings)), other], keys=keys)
