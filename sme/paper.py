@@ -33,6 +33,21 @@ def _finished(workdir: str, num_steps: int, cfg=None) -> bool:
     return bool(records) and records[-1].get("step") == num_steps
 
 
+def machine_record(previous: dict | None = None, *, end: bool = False) -> dict:
+    """Where an experiment's wall times were measured: the cores this process may use, whether XLA's
+    CPU matmuls are single-threaded, and the 1-minute load average at its start (the first call's
+    is kept when a run resumes) and at its end."""
+    record = dict(previous or {})
+    record["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    record["single_threaded"] = "--xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", "")
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    if end:
+        record["load_end"] = load
+    else:
+        record.setdefault("load_start", load)
+    return record
+
+
 def _hms(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -66,6 +81,7 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
             f"ETA {_hms(remaining * speed)})")
         record = timings.setdefault(name, {"runs": {}})
         record["kernel"] = modules[name].KERNEL
+        record["machine"] = machine_record(record.get("machine"))
         for i, entry in enumerate(plan, 1):
             workdir = os.path.join(out_dir, "runs", entry["name"])
             cfg = entry["config"]
@@ -98,6 +114,9 @@ def run_paper(out_dir: str, only: str | None = None, *, tiny: bool = False, log=
             # merge: another --only process may be writing other experiments to the same report
             on_disk = io.read_json(timings_path) if os.path.exists(timings_path) else {}
             io.write_json(timings_path, {**on_disk, name: record})
+        record["machine"] = machine_record(record["machine"], end=True)
+        on_disk = io.read_json(timings_path) if os.path.exists(timings_path) else {}
+        io.write_json(timings_path, {**on_disk, name: record})
         spent_budget += budget[name]
         log(f"experiment {k} of {len(names)}: {name} done: train {record['train_seconds']:.0f} s, "
             f"analysis {record['analysis_seconds']:.0f} s (kernel: {record['kernel']})")

@@ -218,6 +218,20 @@ def write_report(out_dir: str, *, tiny: bool = False, keep: str | None = None) -
     return report
 
 
+def machine_text(machine: dict | None) -> str:
+    """' on 1 core (single-threaded XLA), 1-min load 1.2-3.4' from a timings record's ``machine`` entry."""
+    if not machine:
+        return ""
+    cores = machine.get("cores")
+    text = f" on {cores} core{'s' if cores != 1 else ''}"
+    if machine.get("single_threaded"):
+        text += " (single-threaded XLA)"
+    loads = [machine[k] for k in ("load_start", "load_end") if machine.get(k) is not None]
+    if loads:
+        text += f", 1-min load {min(loads):.1f}-{max(loads):.1f}"
+    return text
+
+
 def markdown(report: dict) -> str:
     lines = ["# Paper-scale reproduction report", "",
              "Intervals: 95 % Student-t over seeds (differences: Welch). Verdict rules: `sme/paper_report.py`.", ""]
@@ -236,8 +250,8 @@ def markdown(report: dict) -> str:
             lines.append(f"- {note}")
         if "timing" in s:
             t = s["timing"]
-            lines.append(f"- wall time on 2 shared CPU cores: {t.get('seconds', 0):.0f} s (training "
-                         f"{t.get('train_seconds', 0):.0f} s, analyses {t.get('analysis_seconds', 0):.0f} s); "
+            lines.append(f"- wall time: {t.get('seconds', 0):.0f} s (training {t.get('train_seconds', 0):.0f} s, "
+                         f"analyses {t.get('analysis_seconds', 0):.0f} s){machine_text(t.get('machine'))}; "
                          f"dominant kernel: {t.get('kernel', '')}")
         for fig in s.get("figures", []):
             lines += ["", f"![{name}]({fig})"]

@@ -115,6 +115,10 @@ def test_tiny_pipeline_trains_analyses_resumes_and_reports(tmp_path, monkeypatch
     assert "(n=3)" in rows["test accuracy with dropout"]["ours"]
     timings = report["experiments"]["P-E4"]["timing"]
     assert timings["train_seconds"] > 0 and timings["analysis_seconds"] > 0 and timings["kernel"]
+    cores = len(os.sched_getaffinity(0))  # where the times were measured, in the record and the report
+    assert timings["machine"]["cores"] == cores and timings["machine"]["load_end"] is not None
+    md = open(os.path.join(out, "report.md")).read()
+    assert f"on {cores} core{'s' if cores != 1 else ''}" in md and "1-min load" in md
     for fig in sections["P-E5"]["figures"] + sections["P-E4"]["figures"]:
         from PIL import Image
 
