@@ -5,6 +5,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from sme import dropout, grads, losses, models, testing
+from sme.problem import Problem
 
 pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
 
@@ -135,3 +136,19 @@ def test_bad_input_is_named(tiny_mlp):
         grads.mask_gradients(model, "mse", params, x, y, shared, mode="per_sample")
     with pytest.raises(ValueError, match="1 mask arrays for 2 dropout sites"):
         grads.per_sample_gradients(model, "mse", params, x, y, shared[:1])
+
+
+def test_problem_and_loose_forms_are_the_same_call(tiny_mlp):
+    """The mask-gradient functions are written for a Problem; the loose positional form builds one,
+    and a mode= keyword overrides a Problem's (`sme.problem.takes_problem`)."""
+    model, params, x, y = tiny_mlp
+    problem = Problem(model, "mse", "per_sample", x, y)
+    key = jax.random.key(2)
+    np.testing.assert_array_equal(
+        grads.sampled_mask_gradients(problem, params, key=key, num_masks=3),
+        grads.sampled_mask_gradients(model, "mse", params, x, y, key=key, num_masks=3, mode="per_sample"))
+    shared = grads.draw_masks(model, key=key, num_masks=2, mode="shared", num_examples=7, dtype=x.dtype)
+    np.testing.assert_array_equal(grads.sample_mask_gradients(problem, params, shared, mode="shared"),
+                                  grads.sample_mask_gradients(model, "mse", params, x, y, shared, mode="shared"))
+    with pytest.raises(TypeError, match="pass a Problem"):
+        grads.mask_gradients(model, "mse", params, x, y, shared)  # loose form without mode=
