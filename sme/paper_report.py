@@ -89,19 +89,21 @@ def verdict_absolute(ci: dict, paper_range, tolerances=(TOL_REPRODUCED, TOL_PART
     return "not reproduced", f"{gap:.1f}{unit} {side} the paper's number"
 
 
-def verdict_sign(ci: dict, sign: int, size: float | None = None) -> tuple[str, str]:
-    """Verdict for a difference claimed to have ``sign`` (+1/-1), optionally of a stated ``size``."""
+def verdict_sign(ci: dict, sign: int, size: float | None = None, *, null: str = "0") -> tuple[str, str]:
+    """Verdict for a difference claimed to have ``sign`` (+1/-1), optionally of a stated ``size``.
+
+    ``null`` names the no-effect value in the reasons: "1" for a ratio judged on its logarithm."""
     if ci["mean"] is None:
         return "not run", "no finished run"
     if ci["low"] is None:
         return "not enough seeds", "one seed: no interval"
     lo, hi = sorted((sign * ci["low"], sign * ci["high"]))
     if lo > 0 and (size is None or hi >= abs(size) / 2):
-        return "reproduced", "the interval excludes 0 on the claimed side"
+        return "reproduced", f"the interval excludes {null} on the claimed side"
     if lo > 0:
         return "partly", f"the claimed sign, but the interval stays below half the paper's {abs(size):g}"
     if sign * ci["mean"] > 0:
-        return "partly", "the mean has the claimed sign but the interval includes 0"
+        return "partly", f"the mean has the claimed sign but the interval includes {null}"
     return "not reproduced", "the mean has the opposite sign" if sign * ci["mean"] < 0 else "no difference"
 
 

@@ -136,8 +136,8 @@ def p_e4(out_dir: str, module, tiny: bool) -> dict:
         row("test accuracy without dropout", "98.1 %", fmt_ci(ci["plain"]["acc"], unit=" %"),
             verdict_absolute(ci["plain"]["acc"], (98.1, 98.1))),
         row(paper["acc"][0], paper["acc"][1], fmt_ci(acc_diff, unit=" pp"), verdict_sign(acc_diff, +1, 0.6)),
-        row(paper["lambda_max"][0], paper["lambda_max"][1], fmt_ci(lam, digits=3), verdict_sign(lam_log, -1)),
-        row(paper["trace"][0], paper["trace"][1], fmt_ci(tr, digits=3), verdict_sign(tr_log, -1)),
+        row(paper["lambda_max"][0], paper["lambda_max"][1], fmt_ci(lam, digits=3), verdict_sign(lam_log, -1, null="1")),
+        row(paper["trace"][0], paper["trace"][1], fmt_ci(tr, digits=3), verdict_sign(tr_log, -1, null="1")),
     ]
     table_rows = []
     for v in ("dropout", "plain"):
