@@ -289,21 +289,20 @@ EXACT_KINDS = ("order1", "order2", "ode1", "ode2")
 EXACT_FUNCTIONS = ("R_S", "L_S", "sq_norm", "cov")
 
 
-def exact_problem(cfg, keep_prob: float):
-    """The readout-only problem of `cfg`'s net: features phi_i = h(x_i) of replica 0's initial hidden
-    layer (frozen), targets y, the initial readout a_0. Returns (`sme.exact.Linear`, a_0)."""
+def exact_problem(run, keep_prob: float):
+    """The readout-only problem of the net of `run` (`sme.config.Run`): features phi_i = h(x_i) of
+    replica 0's initial hidden layer (frozen), targets y, the initial readout a_0, dropout at
+    `keep_prob`. Returns (`sme.exact.Linear`, a_0)."""
     import jax
     import jax.numpy as jnp
 
-    from sme import config as config_lib
     from sme import exact, rng
     from sme.dropout import ones_masks
 
-    setup = config_lib.build(cfg)
-    model, ds = setup.model, setup.dataset
+    model, ds = run.model, run.dataset
     if ds.out_dim != 1:
         raise ValueError(f"the exact case needs one output, not {ds.out_dim}")
-    params = model.init(rng.stream_key(cfg.seed, rng.INIT, replica=0), dtype=jnp.float32)
+    params = model.init(rng.stream_key(run.seed, rng.INIT, replica=0), dtype=jnp.float32)
     x = jnp.asarray(ds.x_train, jnp.float32)
     phi = jax.vmap(model.penultimate, in_axes=(None, 0, None))(params, x, ones_masks(model.sites, dtype=x.dtype))
     a0 = np.asarray(model.readout(params), np.float64)[:, 0]
@@ -313,11 +312,14 @@ def exact_problem(cfg, keep_prob: float):
 def exact_e1(cfg, *, keep_probs, lrs, horizon: float, times) -> dict:
     """Exact weak errors ``err`` (P, L, K, V, F) of the SME/ODE kinds against dropout GD at the
     ``times`` (K,) for test functions R_S, L_S, ||a||^2 and ||Cov a||_F (F), by `sme.exact`."""
+    from sme import config as config_lib
     from sme import exact
+
+    run = config_lib.build(cfg)  # the data and the initial net: the same at every keep_prob
 
     err = np.zeros((len(keep_probs), len(lrs), len(times), len(EXACT_KINDS), len(EXACT_FUNCTIONS)))
     for a, p in enumerate(keep_probs):
-        problem, a0 = exact_problem(cfg, p)
+        problem, a0 = exact_problem(run, p)
         for b, lr in enumerate(lrs):
             res = exact.weak_errors(problem, a0, lr, horizon, kinds=EXACT_KINDS, fractions=[t / horizon for t in times])
             for v, kind in enumerate(EXACT_KINDS):
