@@ -10,6 +10,8 @@ import pytest
 
 from sme import io
 
+pytestmark = pytest.mark.heavy  # every test runs train.py or analyze.py in a subprocess
+
 
 def _run(args, cwd):
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=600)

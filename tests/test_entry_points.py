@@ -32,6 +32,7 @@ def test_config_path_falls_back_to_the_installed_package(tmp_path, monkeypatch):
     assert cli.config_path("configs/smoke.py") == "configs/smoke.py"  # a file here comes first
 
 
+@pytest.mark.heavy
 def test_help_lists_the_flags_from_another_directory(tmp_path):
     for name, wanted in (("sme-train", ("--config", "--workdir", "--num_processes", "--coordinator_address")),
                          ("sme-analyze", ("--analyses", "--workdir", "--process_id"))):
@@ -41,6 +42,7 @@ def test_help_lists_the_flags_from_another_directory(tmp_path):
             assert f"  {flag}" in proc.stdout, (name, flag)
 
 
+@pytest.mark.heavy
 def test_sme_train_runs_an_installed_config_from_another_directory(tmp_path):
     proc = subprocess.run([_command("sme-train"), "--config=configs/smoke.py", "--config.train.num_steps=2",
                            "--config.train.eval_every=1", "--config.train.checkpoint_steps=0",

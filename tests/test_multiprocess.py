@@ -102,6 +102,7 @@ def _files(workdir):
     return sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, fs in os.walk(workdir) for f in fs)
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)

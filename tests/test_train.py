@@ -190,6 +190,7 @@ def test_replicas_are_independent_seeds_and_replica_zero_is_the_single_run(tmp_p
     np.testing.assert_array_equal(start[0], start[1])
 
 
+@pytest.mark.heavy
 def test_train_py_end_to_end_loss_decreases(tmp_path, root):
     workdir = tmp_path / "smoke"
     proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--config={root}/configs/smoke.py",

@@ -50,6 +50,7 @@ def test_rerunning_a_finished_run_exits_0_with_its_final_metrics(finished):
     assert first.splitlines()[0] == again.stdout.splitlines()[0]  # the same final metrics
 
 
+@pytest.mark.heavy
 def test_flag_and_config_mistakes_are_one_line(finished, tmp_path):
     tmp, workdir, _ = finished
     proc = _train(tmp_path / "a", "--config.model.keep_prb=0.5", cwd=tmp_path)
@@ -68,6 +69,7 @@ def test_flag_and_config_mistakes_are_one_line(finished, tmp_path):
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
+@pytest.mark.heavy
 def test_analyze_mistakes_are_one_line_before_any_data_is_loaded(finished, tmp_path):
     tmp, workdir, _ = finished
     run = tmp_path / "run"
