@@ -1,4 +1,4 @@
-"""The lockstep of `sme.lockstep` for many replicas: replica vectors, one random draw per block, chunks.
+"""The lockstep of `sme.lockstep` for many replicas: replica vectors, counter-based draws, chunks.
 
 The E1 net (an MLP with one hidden layer, dropout on it, MSE, shared masks, the closed-form L_S and
 Sigma^{1/2}; also the frozen-feature readout of `sme.exact`) has P = d m + m o parameters: a replica-step
@@ -15,13 +15,18 @@ loops run over 2 to 8 entries, and every key a per-replica `fold_in`. Here:
 * gradients, the order-2 correction (grad ||grad L_S||^2) and the r2 sample trace (grad ||grad Q||^2)
   are autodiff of the SUM over replicas: replicas do not interact, so d(sum_r f_r)/d theta_r is
   replica r's gradient, and second derivatives follow the same way;
-* random numbers: one draw per process and step for a block of `BLOCK` replicas (key of (seed,
-  stream, step, block)), never a per-replica key; replica r takes column r mod BLOCK of block
-  r // BLOCK, so results depend neither on the chunk size nor on R (replica r's path is the same in
-  every run with the same seed and at least r + 1 replicas), up to float rounding;
-* the replica axis is cut in chunks of ``LockstepSpec.chunk_size`` replicas (a multiple of BLOCK),
-  run one after the other with `lax.map`, each for all steps of the `advance` call, so memory is
-  bounded by the chunk;
+* random numbers: counter-based, never a per-replica key. Number k of replica r at discrete step N
+  for one purpose (the discrete masks, the Euler-Maruyama normals of a noise tag, SVAG's masks) is
+  the threefry2x32 hash of the counter pair (N, r W + k) under the purpose's key (of seed, stream,
+  purpose; derived once at trace time), W the purpose's counters per replica. So a step costs one
+  hash call per purpose over exactly the chunk's counters (no key derivation in the loop), and a
+  replica's numbers are a pure function of (seed, N, r, k): neither the chunk size nor R changes them
+  (replica r's path is the same in every run with the same seed and at least r + 1 replicas), and
+  an interrupted run resumed at step N draws what the uninterrupted one does, up to float rounding;
+* the replica axis is cut in chunks of ``LockstepSpec.chunk_size`` replicas, run one after the other
+  with `lax.map`, each for all steps of the `advance` call, so memory is bounded by the chunk. Small
+  chunks (a few hundred replicas) are also the fast ones: every intermediate replica vector of the
+  step then stays in the caches (``benchmarks/lockstep.py``);
 * the ODE controls use no noise: replicas that share their start (as `init_lockstep` puts them)
   share the whole path, which is integrated once.
 
@@ -41,6 +46,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry2x32_p
 
 from sme import rng
 from sme.lockstep_state import ODE_DRIFTS, SHARED_TAG, TAGS, Lockstep
@@ -49,9 +55,11 @@ from sme.exact import ReadoutSpec
 from sme.models import ACTIVATIONS, MLPSpec
 from sme.sde import svag_coefficients
 
-BLOCK = 64  # replicas per random draw: part of the reproducibility contract, never change it
-BATCHED_TAG = 7  # folded into the step key before the block index (the per-replica layout's tags are 0..6)
-DISCRETE, EM_SHARED, SVAG = 0, 1, 2  # purposes of one block's draws (EM_SHARED + 1 + tag under coupling none)
+# Part of the reproducibility contract of this layout: never renumber.
+BATCHED_TAG = 7  # folded into the stream key before the purpose (the per-replica layout's tags are 0..6)
+DISCRETE, EM = 0, 1  # purposes: the discrete masks (DROPOUT stream); EM + noise tag (SDE stream)
+SVAG_PURPOSE = EM + TAGS["svag"]  # SVAG's masks (SDE stream)
+MAX_COUNTER = 2**32  # the counters r W + k are 32-bit words
 
 
 def check_batched(spec, problem: Problem) -> None:
@@ -69,8 +77,8 @@ def check_batched(spec, problem: Problem) -> None:
                          f"{spec.diffusion}/{spec.estimator}")
     if "r2" in spec.variants and spec.trace != "sample":
         raise ValueError(f"layout 'batched' computes the r2 trace by its one-sample estimate, not {spec.trace!r}")
-    if spec.chunk_size < 1 or spec.chunk_size % BLOCK:
-        raise ValueError(f"chunk_size {spec.chunk_size} must be a positive multiple of {BLOCK} (the random-draw block)")
+    if not isinstance(spec.chunk_size, (int, np.integer)) or spec.chunk_size < 1:
+        raise ValueError(f"chunk_size {spec.chunk_size!r} must be a positive integer (replicas per chunk)")
 
 
 class Net(NamedTuple):
@@ -210,9 +218,11 @@ def drift_potential(net: Net, kind: str, params, zeta, z, *, lr) -> jax.Array:
     return potential + 0.25 * lr * _sq(_grad(lambda p: noise_potential(net, p, zeta, z))(params))
 
 
-def increment(net: Net, kind: str, params, zeta, z, *, h, lr, diffusion: bool):
+def increment(net: Net, kind: str, params, noise, *, h, lr, diffusion: bool):
     """One Euler-Maruyama increment h b + sqrt(eps h) sigma xi = grad [sqrt(eps h) Q - h U] (one gradient,
-    as `sme.sde.make_sme`); without ``diffusion`` the ODE control's h b."""
+    as `sme.sde.make_sme`), ``noise`` the substep's (zeta, z) lists of replica vectors; without
+    ``diffusion`` the ODE control's h b."""
+    zeta, z = noise
 
     def total(p):
         value = -h * drift_potential(net, kind, p, zeta, z, lr=lr)
@@ -269,7 +279,7 @@ def _em_path(net, kind, params, noises, *, h, lr, diffusion):
 
     def body(p, xs):
         zeta, z = xs
-        return _add(p, increment(net, kind, p, list(zeta), list(z), h=h, lr=lr, diffusion=diffusion)), None
+        return _add(p, increment(net, kind, p, (list(zeta), list(z)), h=h, lr=lr, diffusion=diffusion)), None
 
     return jax.lax.scan(body, params, noises)[0]
 
@@ -322,44 +332,80 @@ def list_step(spec, net: Net, paths: dict, noise: StepNoise | None, lr) -> dict:
     return new
 
 
-# --- Random numbers: one draw per block of BLOCK replicas -----------------------------------------
+# --- Random numbers: counter-based, one hash call per step and purpose ---------------------------
 
 
-def _block_key(seed: int, stream: int, step, block, purpose: int):
-    key = jax.random.fold_in(rng.step_key(seed, stream, step), BATCHED_TAG)
-    return jax.random.fold_in(jax.random.fold_in(key, block), purpose)
+def purpose_key(seed: int, stream: int, purpose: int) -> tuple[int, int]:
+    """The two threefry key words of one purpose: the stream key (`sme.rng.stream_key`, replica 0)
+    folded with BATCHED_TAG and the purpose. Computed at trace time (the seed is static)."""
+    with jax.ensure_compile_time_eval():
+        key = jax.random.fold_in(jax.random.fold_in(rng.stream_key(seed, stream), BATCHED_TAG), purpose)
+        data = np.asarray(jax.random.key_data(key))
+    if data.shape != (2,):
+        raise ValueError(f"layout 'batched' draws with threefry2x32 keys; the default PRNG gives key data {data.shape}")
+    return int(data[0]), int(data[1])
 
 
-def _draw(sampler, seed, stream, step, first_block, num_blocks: int, purpose: int, shape, dtype):
-    """(*shape, num_blocks * BLOCK): block b's (*shape, BLOCK) draw from its own key, column j for
-    replica b BLOCK + j."""
-    blocks = first_block + jnp.arange(num_blocks)
-    keys = jax.vmap(lambda b: _block_key(seed, stream, step, b, purpose))(blocks)
-    draws = jax.vmap(lambda k: sampler(k, (*shape, BLOCK), dtype))(keys)  # (k, *shape, B)
-    return jnp.moveaxis(draws, 0, -2).reshape(*shape, num_blocks * BLOCK)
+def counters_per_replica(count: int, dtype) -> int:
+    """W: threefry counters per replica for ``count`` uniforms (two 32-bit words per counter; a
+    float64 uniform takes both words of one counter, a narrower one a single word)."""
+    return count if jnp.dtype(dtype).itemsize == 8 else -(-count // 2)
 
 
-def step_noise(spec, m: int, step, first_block, num_blocks: int, dtype) -> StepNoise:
-    """The StepNoise of blocks [first_block, first_block + num_blocks) at discrete step N."""
+def uniforms(key: tuple[int, int], step, first, num: int, count: int, dtype) -> jax.Array:
+    """(count, num) uniforms in [0, 1): column c for replica first + c, row k from the counter pair
+    (step, (first + c) W + k) (float32 and narrower: rows k < W from the hash's first word, the
+    rest from its second), with the mantissa bits of `jax.random.uniform`."""
+    words = counters_per_replica(count, dtype)
+    replicas = jnp.asarray(first).astype(jnp.uint32) + jnp.arange(num, dtype=jnp.uint32)
+    x2 = replicas[None, :] * jnp.uint32(words) + jnp.arange(words, dtype=jnp.uint32)[:, None]
+    x1 = jnp.broadcast_to(jnp.asarray(step).astype(jnp.uint32), x2.shape)
+    k1, k2 = (jnp.full(x2.shape, np.uint32(k)) for k in key)
+    hi, lo = threefry2x32_p.bind(k1, k2, x1, x2)
+    if jnp.dtype(dtype).itemsize == 8:
+        bits = (hi.astype(jnp.uint64) << 32) | lo.astype(jnp.uint64)
+        one = jax.lax.bitcast_convert_type((bits >> 12) | np.uint64(0x3FF0000000000000), jnp.float64)
+        return (one - 1.0).astype(dtype)
+    bits = jnp.concatenate([hi, lo])[:count]
+    one = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
+    return (one - 1.0).astype(dtype)
+
+
+def standard_normals(u: jax.Array) -> jax.Array:
+    """Phi^{-1} of uniforms in [0, 1) as `jax.random.normal` computes it: sqrt 2 erfinv(2u - 1),
+    2u - 1 kept above -1."""
+    low = np.nextafter(np.asarray(-1.0, u.dtype), np.asarray(0.0, u.dtype))
+    return np.sqrt(2.0).astype(u.dtype) * jax.lax.erf_inv(jnp.maximum(2.0 * u - 1.0, low))
+
+
+def step_noise(spec, m: int, step, first, num: int, dtype) -> StepNoise:
+    """The StepNoise of replicas [first, first + num) at discrete step N (`uniforms` per purpose)."""
 
     seed, q = spec.seed, m * (m - 1) // 2
-    u = _draw(jax.random.uniform, seed, rng.DROPOUT, step, first_block, num_blocks, DISCRETE, (m,), dtype)
+    draw = lambda stream, purpose, shape: uniforms(purpose_key(seed, stream, purpose), step, first, num,
+                                                   int(np.prod(shape)), dtype).reshape(*shape, num)
+    u = draw(rng.DROPOUT, DISCRETE, (m,))
     tags = sorted({TAGS[v] if spec.coupling == "none" else SHARED_TAG for v in spec.em_variants})
-    normals = {t: _draw(jax.random.normal, seed, rng.SDE, step, first_block, num_blocks, EM_SHARED + t,
-                        (spec.fine_substeps, m + q), dtype) for t in tags}
+    normals = {t: standard_normals(draw(rng.SDE, EM + t, (spec.fine_substeps, m + q))) for t in tags}
     svag_u = None
     if "svag" in spec.variants:
-        svag_u = _draw(jax.random.uniform, seed, rng.SDE, step, first_block, num_blocks, EM_SHARED + TAGS["svag"],
-                       (spec.svag_substeps, 2, m), dtype)
+        svag_u = draw(rng.SDE, SVAG_PURPOSE, (spec.svag_substeps, 2, m))
     return StepNoise(u, normals, svag_u)
+
+
+def max_counters(spec, m: int, dtype) -> int:
+    """The largest W of `step_noise`'s purposes (R W must stay below MAX_COUNTER)."""
+    q = m * (m - 1) // 2
+    counts = [m, spec.fine_substeps * (m + q) if spec.em_variants else 0, spec.svag_substeps * 2 * m]
+    return max(counters_per_replica(c, dtype) for c in counts)
 
 
 # --- advance -----------------------------------------------------------------------------------
 
 
 def chunking(num_replicas: int, chunk_size: int) -> tuple[int, int]:
-    """(chunk C, number of chunks): C = chunk_size, or R rounded up to BLOCK when R is smaller."""
-    chunk = min(chunk_size, -(-num_replicas // BLOCK) * BLOCK)
+    """(chunk C, number of chunks): C = chunk_size, or R when R is smaller."""
+    chunk = min(chunk_size, num_replicas)
     return chunk, -(-num_replicas // chunk)
 
 
@@ -391,6 +437,9 @@ def make_advance(spec):
         chunk, num_chunks = chunking(num_replicas, spec.chunk_size)
         padded = chunk * num_chunks
         m = problem.model.sites[-1].size
+        if padded * max_counters(spec, m, dtype) >= MAX_COUNTER:
+            raise ValueError(f"{num_replicas} replicas (padded to {padded}) exceed the batched layout's 32-bit "
+                             f"counters: at most {MAX_COUNTER // max_counters(spec, m, dtype) - 1} with these processes")
 
         def split(a):  # (R, ...) -> (chunks, C, ...), padded with copies of the last replica
             a = jnp.concatenate([a, jnp.broadcast_to(a[-1:], (padded - num_replicas, *a.shape[1:]))])
@@ -401,10 +450,10 @@ def make_advance(spec):
 
         def run_chunk(args):
             paths, index = args
-            first = index * (chunk // BLOCK)
+            first = index * chunk
 
             def body(i, p):
-                noise = step_noise(spec, m, state.step + i, first, chunk // BLOCK, dtype)
+                noise = step_noise(spec, m, state.step + i, first, chunk, dtype)
                 return list_step(spec, net, p, noise, lr)
 
             lists = jax.lax.fori_loop(0, num_steps, body, {k: to_lists(v) for k, v in paths.items()})

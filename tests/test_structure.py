@@ -12,8 +12,6 @@ MAX_PARAMETERS = 7
 # An entry only tolerates its own function: any other function over the limit fails the test.
 ALLOWED_OVER_LIMIT = {
     "sweep.py::_sweep",  # the SME sweep driver's inner loop (its settings move into the typed run description)
-    "lockstep_batched.py::increment",  # the batched lockstep's per-substep increment (its state becomes a bundle)
-    "lockstep_batched.py::_draw",  # the batched lockstep's noise draw (keys become traced values)
 }
 
 
