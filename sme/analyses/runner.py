@@ -276,19 +276,10 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
 
     def reusable(label, step) -> bool:
         """A verified artifact with the requested settings exists (its scalars go to the summary)."""
-        path = _artifact(workdir, label, step)
-        if request.overwrite or not os.path.exists(path):
-            return False
-        try:
-            arrays, meta = io.load_artifact(path)
-        except io.CorruptArtifact as err:
-            logging.warning("recomputing %s", err)
-            return False
-        if meta.get("settings") != digests[labels[label]]:
-            logging.warning("recomputing %s: computed with other settings", path)
-            return False
-        updates.setdefault(label, {})[str(step)] = _scalars(arrays)
-        return True
+        scalars = None if request.overwrite else _stored_scalars(_artifact(workdir, label, step), digests[labels[label]])
+        if scalars is not None:
+            updates.setdefault(label, {})[str(step)] = scalars
+        return scalars is not None
 
     chunk = _balanced(len(steps), max(1, batch_size // len(replicas)))  # steps per chunk
     group = _balanced(chunk * len(replicas), batch_size)  # items per batched call
@@ -313,10 +304,7 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
             for r in replicas:
                 params[step, r] = jax.tree_util.tree_map(jax.numpy.asarray, take_replica(state.params, r))
         for name, items in todo.items():
-            ctxs = [Context(model=run.model, dataset=run.dataset, loss=run.loss, mask_mode=run.mask_mode,
-                            lr=run.lr, params=params[step, r], step=step, seed=run.seed, replica=r,
-                            settings=dict(request.settings.get(name, {})), run_config=run.config,
-                            workdir=workdir, run=info)
+            ctxs = [_context(run, info, params[step, r], step, r, request.settings.get(name, {}))
                     for step, r in items if (step, r) in params]
             size = group if registry[name].batch_fn is not None else 1
             progress[name].total -= len(items) - len(ctxs)  # items of unreadable checkpoints are not done
@@ -333,18 +321,46 @@ def _analyse_locked(workdir, request, replicas, checkpoints, steps) -> dict:
                     io.save_arrays(_artifact(workdir, label, ctx.step), result, meta={"settings": digests[name]})
                     updates.setdefault(label, {})[str(ctx.step)] = _scalars(result)
         _merge_summary(workdir, updates, cleared=refused)
-    for name in request.names:
-        for r in replicas:
-            label = where(name, r)
-            plot_fn = registry[name].plot_fn
-            done = sorted(s for s in checkpoints if os.path.exists(_artifact(workdir, label, s)))
-            if plot_fn is not None and done and distributed.is_writer():
-                try:
-                    plot_fn(os.path.join(workdir, "analysis", label), done)
-                except Exception as err:
-                    failures.append(f"plot of {label}: {type(err).__name__}: {err}")
-                    logging.error("plot of %s failed:\n%s", label, traceback.format_exc())
+    for label, name in labels.items():
+        failures += _plot(workdir, label, registry[name].plot_fn, checkpoints)
     return _merge_summary(workdir, updates, cleared=refused, failures=failures)
+
+
+def _context(run, info: RunInfo, params, step: int, replica: int, settings: dict) -> Context:
+    """The Context of one (checkpoint, replica) of `run` (`sme.config.Run`) for one analysis's settings."""
+    return Context(model=run.model, dataset=run.dataset, loss=run.loss, mask_mode=run.mask_mode, lr=run.lr,
+                   params=params, step=step, seed=run.seed, replica=replica, settings=dict(settings),
+                   run_config=run.config, workdir=info.workdir, run=info)
+
+
+def _stored_scalars(path: str, digest: str) -> dict | None:
+    """The scalars of the artifact at `path` when it verifies and was computed with the settings of
+    `digest`, else None (an invalid or stale one is reported: it is recomputed)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        arrays, meta = io.load_artifact(path)
+    except io.CorruptArtifact as err:
+        logging.warning("recomputing %s", err)
+        return None
+    if meta.get("settings") != digest:
+        logging.warning("recomputing %s: computed with other settings", path)
+        return None
+    return _scalars(arrays)
+
+
+def _plot(workdir: str, label: str, plot_fn, checkpoints: dict) -> list[str]:
+    """Run an analysis's plot function over its artifacts in ``analysis/<label>`` (process 0 only);
+    returns the failure, if any, as a one-item list."""
+    done = sorted(s for s in checkpoints if os.path.exists(_artifact(workdir, label, s)))
+    if plot_fn is None or not done or not distributed.is_writer():
+        return []
+    try:
+        plot_fn(os.path.join(workdir, "analysis", label), done)
+    except Exception as err:
+        logging.error("plot of %s failed:\n%s", label, traceback.format_exc())
+        return [f"plot of {label}: {type(err).__name__}: {err}"]
+    return []
 
 
 def _held_settings(workdir: str, label: str, digest: str) -> str | None:
