@@ -112,6 +112,7 @@ def _params(names):
     return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", _params(sorted(load_all())))
 def test_analysis_is_deterministic_batch_invariant_and_plots_its_own_keys(name, request, tmp_path, monkeypatch):
     registry = load_all()

@@ -92,6 +92,7 @@ def test_the_sweep_spec_holds_the_grids_and_one_model_per_keep_prob():
     assert (s.num_replicas, s.num_batches, s.num_boot) == (8, 2, cfg.sde.num_boot)
 
 
+@pytest.mark.heavy
 def test_the_objective_is_built_once_per_run(monkeypatch, tmp_path):
     calls = []
     real = losses.make_objective
@@ -111,6 +112,7 @@ def test_training_reads_no_config_field_after_build(sealing_build, tmp_path):
     assert driver.run(SealableConfig(cfg), str(tmp_path))["step"] == 4  # resume (finished): still no read
 
 
+@pytest.mark.heavy
 def test_the_sweep_reads_no_config_field_after_build(sealing_build, tmp_path):
     cfg = _tiny_sweep_config()
     record = driver.run(SealableConfig(cfg), str(tmp_path))

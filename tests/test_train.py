@@ -112,6 +112,7 @@ def test_carried_epoch_permutations_equal_per_step_sampling():
         np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.heavy
 def test_same_seed_same_run_and_resume_is_bit_identical(tmp_path):
     cfg = smoke.get_config()
     a, b, c = (str(tmp_path / n) for n in "abc")
@@ -137,6 +138,7 @@ def test_same_seed_same_run_and_resume_is_bit_identical(tmp_path):
     assert _metrics(str(tmp_path / "d")) != _metrics(a)
 
 
+@pytest.mark.heavy
 def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
     cfg = smoke.get_config()
     workdir = str(tmp_path)
@@ -171,6 +173,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_pa
         assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
 
 
+@pytest.mark.heavy
 def test_replicas_are_independent_seeds_and_replica_zero_is_the_single_run(tmp_path):
     single, multi = smoke.get_config(), smoke.get_config()
     multi.train.num_replicas = 3
@@ -253,6 +256,7 @@ def test_replicas_sharded_over_devices_match_one_device(tmp_path, root):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_trajectory_snapshots_survive_resume(tmp_path):
     cfg = smoke.get_config()
     cfg.train.snapshot_start, cfg.train.snapshot_every = 30, 3

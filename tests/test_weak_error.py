@@ -189,6 +189,7 @@ def test_model_dependent_sde_checks_fail_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.heavy
 def test_sweep_in_process_logs_both_processes_and_skips_finished_cells(tmp_path):
     cfg = _regression_config(variants="order1", keep_prob_grid="0.8", lr_grid="0.2,0.1", num_replicas=40,
                              num_batches=4, richardson=False)
