@@ -74,7 +74,8 @@ def test_hessian_analysis_monte_carlo_per_sample_uses_the_documented_masks(x64):
     key = jax.random.key(4)
     out = cu.hessian(ctx, key=key)
     x, y = (jnp.asarray(a, jnp.float64) for a in (ctx.dataset.x_train, ctx.dataset.y_train))
-    masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 0), batch_shape=(3, 20), dtype=jnp.float64)
+    masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, cu.MASKS), batch_shape=(3, 20),
+                         dtype=jnp.float64)
     dense = _dense(lambda p: losses.modified_loss_mc(ctx.model, "mse", p, x, y, masks, mode="per_sample"),
                    ctx.params)
     assert str(out["loss_kind"]) == "modified_mc"

@@ -61,7 +61,7 @@ def test_flatness_analysis_matches_dense_gradient_pca():
     rows = np.stack([
         np.asarray(ravel_pytree(grad(ctx.model, "mse", ctx.params, x, y,
                                      sample_masks(ctx.model.sites, key=k), mode="shared"))[0], np.float64)
-        for k in jax.random.split(jax.random.fold_in(key, 0), 12)])
+        for k in jax.random.split(jax.random.fold_in(key, la.ROWS), 12)])
     dense = np.sort(np.linalg.eigvalsh(np.cov(rows.T, ddof=1)))[::-1][:11]
     # float32 gradients and Gram eigh: errors ~1e-6 of the top variance.
     np.testing.assert_allclose(result["variances"], dense, rtol=1e-3, atol=1e-5 * dense[0])
@@ -92,7 +92,7 @@ def test_flatness_noise_kinds_and_bad_settings():
     few_ctx = _context(hidden=2, settings=dict(num_masks=12, num_components=6, num_boot=100))
     few = la.flatness(few_ctx, key=jax.random.key(0))
     drawn = {tuple(np.asarray(sample_masks(few_ctx.model.sites, key=k)[0]))
-             for k in jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 12)}
+             for k in jax.random.split(jax.random.fold_in(jax.random.key(0), la.ROWS), 12)}
     rank = len(drawn) - 1
     np.testing.assert_array_equal(few["resolved"], np.arange(6) < rank)
     assert few["num_fit_points_c2"] <= 2 and "fit_error_c2" in few  # PC 1 excluded: too few to fit
@@ -212,9 +212,9 @@ def test_modified_objectives_and_plots(tmp_path):
     ctx = _context(settings=settings)
     key = jax.random.key(0)
     result = la.flatness(ctx, key=key)
-    # modified_mc: the mean of R^drop over the 4 masks documented as drawn from fold_in(key, 1).
+    # modified_mc: the mean of R^drop over the 4 masks documented as drawn from stream LOSS_MASKS.
     x, y = ctx.dataset.x_train, ctx.dataset.y_train
-    masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, 1), batch_shape=(4,))
+    masks = sample_masks(ctx.model.sites, key=jax.random.fold_in(key, la.LOSS_MASKS), batch_shape=(4,))
     mc = np.mean([losses.dropout_risk(ctx.model, "mse", ctx.params, x, y, tuple(m[k] for m in masks),
                                       mode="shared") for k in range(4)])
     np.testing.assert_allclose(result["loss_star"], mc, rtol=1e-5)  # float32 means of 4 numbers

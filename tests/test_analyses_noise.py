@@ -40,7 +40,7 @@ def test_covariance_analysis_matches_dense_references():
     out = as_numpy(noise.covariance(ctx, key=key))
     x, y = jnp.asarray(ctx.dataset.x_train), jnp.asarray(ctx.dataset.y_train)
     g = jax.jit(lambda p, m: grads.mask_gradients(ctx.model, ctx.loss, p, x, y, m, mode=ctx.mask_mode))(
-        ctx.params, _masks(ctx, jax.random.fold_in(key, 0), 8))
+        ctx.params, _masks(ctx, jax.random.fold_in(key, noise.MASKS), 8))
     sigma = np.cov(np.asarray(g).T, ddof=1)
     np.testing.assert_allclose(out["sigma_eigenvalues"], np.linalg.eigvalsh(sigma)[::-1][:4], rtol=1e-8)
     np.testing.assert_allclose(out["sigma_trace"], np.trace(sigma), rtol=1e-10)
@@ -83,8 +83,8 @@ def test_alignment_analysis_matches_dense_computation(name, loss, kind):
     values, vectors = np.linalg.eigh(h)
     np.testing.assert_allclose(out["hessian_eigenvalues"], values[::-1][:5], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(out["hessian_frobenius"], np.linalg.norm(h), rtol=1e-10)
-    g = grads.mask_gradients(ctx.model, loss, ctx.params, x, y, _masks(ctx, jax.random.fold_in(key, 0), 6),
-                             mode=ctx.mask_mode)
+    g = grads.mask_gradients(ctx.model, loss, ctx.params, x, y,
+                             _masks(ctx, jax.random.fold_in(key, noise.MASKS), 6), mode=ctx.mask_mode)
     rows = grads.per_sample_gradients(ctx.model, loss, ctx.params, x, y)
     for noise_name, sigma in (("dropout", np.cov(np.asarray(g).T, ddof=1)),
                               ("sgd", np.cov(np.asarray(rows).T, ddof=0))):
@@ -196,7 +196,8 @@ def test_alignment_with_the_risk_hessian_and_the_unbiased_frobenius():
     h = np.asarray(jax.hessian(lambda f: losses.risk(ctx.model, ctx.loss, unravel(f), x, y))(flat))
     np.testing.assert_allclose(out["hessian_frobenius"], np.linalg.norm(h), rtol=1e-10)
     g = np.asarray(grads.mask_gradients(ctx.model, ctx.loss, ctx.params, x, y,
-                                        _masks(ctx, jax.random.fold_in(key, 0), 6), mode=ctx.mask_mode))
+                                        _masks(ctx, jax.random.fold_in(key, noise.MASKS), 6),
+                                        mode=ctx.mask_mode))
     sigma = np.cov(g.T, ddof=1)
     # ||Sigma||_F² by its definition: (1/4) mean over distinct (i, j, k, l) of ((g_i - g_j)^T (g_k - g_l))²
     u = np.mean([((g[i] - g[j]) @ (g[k] - g[l])) ** 2 / 4 for i, j, k, l in itertools.permutations(range(6), 4)])
