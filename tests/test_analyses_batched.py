@@ -107,6 +107,7 @@ def _artifacts(workdir: str, label: str) -> dict[int, dict]:
     return {step: arrays for step, arrays in common.load_step_artifacts(directory, range(61))}
 
 
+@pytest.mark.heavy
 def test_runner_batched_equals_one_at_a_time(two_replica_run, tmp_path):
     one, many = _copy(two_replica_run, tmp_path, "one"), _copy(two_replica_run, tmp_path, "many")
     names = tuple(SETTINGS)
@@ -124,6 +125,7 @@ def test_runner_batched_equals_one_at_a_time(two_replica_run, tmp_path):
         assert os.path.exists(os.path.join(many, "analysis", name, f"{name}.png"))
 
 
+@pytest.mark.heavy
 def test_all_replicas_match_each_replica_alone(two_replica_run, tmp_path):
     run = _copy(two_replica_run, tmp_path, "run")
     steps = "0,30,60"
@@ -157,6 +159,7 @@ def _toy(fail_step: int):
     return Analysis("toy", fn, None, "", batch_fn)
 
 
+@pytest.mark.heavy
 def test_failed_batch_is_retried_one_at_a_time_and_corrupt_steps_are_skipped(two_replica_run, tmp_path,
                                                                                monkeypatch):
     run = _copy(two_replica_run, tmp_path, "run")
@@ -212,6 +215,7 @@ def test_progress_reports_compilation_first_then_an_eta_from_the_later_calls():
                      "toy: item 5 of 5 | 1.5s per item | ETA 0s"]
 
 
+@pytest.mark.heavy
 def test_runner_logs_item_k_of_n_with_an_eta(two_replica_run, tmp_path, monkeypatch, caplog):
     import logging
 

@@ -103,6 +103,7 @@ def test_sites_outputs_and_gradients_match_builtin(pair):
     np.testing.assert_allclose(ravel_pytree(g_f)[0], ravel_pytree(g_b)[0], rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("pair", [_mlp_pair, pytest.param(_cnn_pair, marks=pytest.mark.slow)])
 @pytest.mark.usefixtures("x64")
 def test_exact_covariance_and_hessian_eigenvalues_match_builtin(pair):
