@@ -93,8 +93,8 @@ sde.eval_num_masks  masks of the Monte Carlo L_S test function when neither clos
                     enumeration applies (>= 2).
 sde.max_enumerated_units  largest m for exact enumeration (1..20).
 sde.num_boot        bootstrap draws of the weak-error intervals (>= 100).
-sde.layout          replica (every replica its own keys, vmapped: any model) | batched (one random
-                    draw per block of 64 replicas, chunked: MLPs with one hidden layer, shared masks,
+sde.layout          replica (every replica its own keys, vmapped: any model) | batched (counter-based
+                    draws, one hash call per step and purpose, chunked: MLPs with one hidden layer, shared masks,
                     mse, closed_form diffusion and loss; sme/lockstep_batched.py). Same law, other numbers.
 sde.chunk_size      replicas per chunk of the batched layout (a multiple of 64); no effect on results.
 """

@@ -18,8 +18,8 @@ steps x 10^4 replicas; 63 min on 2 shared cores); the analysis about 1 min. The
     python train.py --config=configs/sme_weak_error.py:tiny --workdir=/tmp/sme_tiny
 
 The ``large`` variant runs R = 160,000 replicas per cell on p in {0.8, 0.9} and eps in {0.2, 0.1, 0.05,
-0.025} through the batched lockstep (`sme.lockstep_batched`: replica axis in chunks of 8,192, one
-random draw per block of replicas; the same processes with other random numbers than the default's
+0.025} through the batched lockstep (`sme.lockstep_batched`: replica axis in chunks, counter-based
+random numbers; the same processes with other random numbers than the default's
 per-replica keys); docs/results_e1.md, "Large-R sweep", has its numbers.
 
 Expected (docs/results_e1.md has the measured numbers): the order-1 SME and its ODE control are both
