@@ -65,6 +65,7 @@ def test_batch_fn_equals_one_at_a_time(name, settings, mask_mode):
     ("alignment", dict(num_masks=4, top_k=3, sgd_examples=6, num_boot=50, dense_max_params=1, lanczos_order=12,
                        num_probes=4, max_enumerated_units=0, hessian_masks=3), "cross_entropy"),
 ])
+@pytest.mark.heavy
 def test_noise_batch_fn_equals_one_at_a_time(name, settings, loss, x64):
 
     ctxs = [noise_context(loss=loss, settings=settings, step=s, params_seed=s + 1) for s in range(3)]

@@ -183,6 +183,7 @@ def test_alignment_lanczos_path_agrees_with_dense():
     _lanczos_vs_dense(dict(num_masks=4, top_k=3, sgd_examples=0, num_boot=100, lanczos_order=39, num_probes=16))
 
 
+@pytest.mark.heavy
 def test_alignment_with_the_risk_hessian_and_the_unbiased_frobenius():
     import itertools
 
