@@ -96,7 +96,7 @@ sde.num_boot        bootstrap draws of the weak-error intervals (>= 100).
 sde.layout          replica (every replica its own keys, vmapped: any model) | batched (counter-based
                     draws, one hash call per step and purpose, chunked: MLPs with one hidden layer, shared masks,
                     mse, closed_form diffusion and loss; sme/lockstep_batched.py). Same law, other numbers.
-sde.chunk_size      replicas per chunk of the batched layout (a multiple of 64); no effect on results.
+sde.chunk_size      replicas per chunk of the batched layout (any positive integer); no effect on results.
 """
 
 from ml_collections import ConfigDict

@@ -253,8 +253,8 @@ def validate_sde(c) -> None:
     _check(isinstance(s.richardson, bool), "sde.richardson", s.richardson, "must be True or False")
     _check(s.get("layout", "replica") in ("replica", "batched"), "sde.layout", s.get("layout"),
            "must be replica or batched")
-    _check(isinstance(s.get("chunk_size", 64), int) and s.get("chunk_size", 64) >= 64 and s.get("chunk_size", 64) % 64 == 0,
-           "sde.chunk_size", s.get("chunk_size"), "must be a positive multiple of 64")
+    _check(isinstance(s.get("chunk_size", 64), int) and s.get("chunk_size", 64) >= 1,
+           "sde.chunk_size", s.get("chunk_size"), "must be a positive integer")
     _check(s.horizon >= 0 and math.isfinite(s.horizon), "sde.horizon", s.horizon, "must be finite and >= 0")
     if not s.enabled:
         return

@@ -90,3 +90,17 @@ def test_train_py_rejects_bad_config_before_writing(tmp_path, root):
     assert proc.returncode != 0
     assert "config.model.keep_prob=1.5 is invalid" in proc.stderr
     assert not workdir.exists()  # nothing written
+
+
+def test_sde_chunk_size_any_positive_integer():
+    # The batched lockstep's random numbers are counter-based (step, replica, index), so any chunk
+    # size gives the same numbers and only non-positive or non-integer sizes are refused.
+    from configs import sme_weak_error
+
+    cfg = sme_weak_error.get_config("tiny")
+    cfg.sde.layout, cfg.sde.chunk_size = "batched", 100
+    assert config_lib.build(cfg).sweep.chunk_size == 100
+    for bad in (0, -64):  # (a float is refused by ConfigDict itself)
+        cfg.sde.chunk_size = bad
+        with pytest.raises(config_lib.ConfigError, match="config.sde.chunk_size.*must be a positive integer"):
+            config_lib.build(cfg)
