@@ -83,12 +83,6 @@ _DGKS = 0.717
 
 
 def _orthogonalise(w, basis):
-    """w minus its projection on the rows of `basis`, done twice (CGS2). Cost: 4 reads of the basis."""
-    w = w - (basis @ w) @ basis
-    return w - (basis @ w) @ basis
-
-
-def _orthogonalise_dgks(w, basis):
     """w minus its projection on the rows of `basis`: one classical Gram-Schmidt pass, and a second
     one only when the first cancelled most of w (the DGKS criterion, `_DGKS`). In Lanczos the
     candidate is already orthogonal to all but the newest vectors up to rounding, so the second pass
@@ -155,7 +149,7 @@ def tridiagonalize(matvec: Callable, v0: jax.Array, *, order: int, keep_basis: b
         # read after the write inside the breakdown branch would copy order x P numbers).
         def body(j, carry):
             basis, alphas, betas, u, q_prev, scale = carry
-            q, beta = next_vector(j, _orthogonalise_dgks(u, basis), scale, lambda r: _orthogonalise(r, basis))
+            q, beta = next_vector(j, _orthogonalise(u, basis), scale, lambda r: _orthogonalise(r, basis))
             basis = basis.at[j].set(q)
             w = matvec(q).astype(dtype)
             scale = jnp.maximum(scale, jnp.linalg.norm(w))
